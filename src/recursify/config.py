@@ -1,0 +1,134 @@
+"""Configuration dataclasses: what the decoder is, and how it is made recursive.
+
+Kept free of torch so the CLI can validate options before importing anything heavy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from recursify.errors import ConfigError
+
+Strategy = Literal["cycle", "sequence", "cycle-rev", "middle-cycle"]
+SharedInit = Literal["stepwise", "average", "lower", "random"]
+LoraInit = Literal["svd", "zero"]
+NormMode = Literal["per-depth", "tied", "fold"]
+LayerType = Literal["full_attention", "sliding_attention"]
+
+STRATEGIES: tuple[str, ...] = ("cycle", "sequence", "cycle-rev", "middle-cycle")
+SHARED_INITS: tuple[str, ...] = ("stepwise", "average", "lower", "random")
+LORA_INITS: tuple[str, ...] = ("svd", "zero")
+NORM_MODES: tuple[str, ...] = ("per-depth", "tied", "fold")
+LINEARS: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclass
+class ArchConfig:
+    """The decoder architecture, independent of any recursion: one entry per family feature.
+
+    Attributes:
+        family: transformers ``model_type`` the weights came from (llama, qwen2, qwen3, gemma, ...).
+        num_layers: depth L of the original model; every depth keeps its own attention pattern.
+        norm_offset: 1.0 for Gemma's ``x * (1 + w)`` RMSNorm, 0.0 for ``x * w``.
+        sandwich_norms: Gemma2/3 normalise the attention and MLP outputs before the residual add.
+        qk_norm: Qwen3/Gemma3 apply an RMSNorm over each head of q and k before RoPE.
+        embed_scale: multiply embeddings by this (Gemma: sqrt(hidden)); 1.0 elsewhere.
+        attn_scale: softmax scale of q.k (head_dim**-0.5, or query_pre_attn_scalar**-0.5).
+        layer_types: per original depth, full or sliding-window attention.
+        rope_scaling: per layer type, the cos/sin multiplier of non-default RoPE types.
+    """
+
+    family: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    hidden_act: Literal["silu", "gelu_tanh"]
+    attention_bias: bool = False
+    qk_norm: bool = False
+    norm_offset: float = 0.0
+    sandwich_norms: bool = False
+    embed_scale: float = 1.0
+    attn_scale: float = 0.0
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    layer_types: list[str] = field(default_factory=list)
+    sliding_window: int | None = None
+    rope_scaling: dict[str, float] = field(default_factory=dict)
+    tie_word_embeddings: bool = True
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+    pad_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.layer_types:
+            self.layer_types = ["full_attention"] * self.num_layers
+        if len(self.layer_types) != self.num_layers:
+            raise ConfigError(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
+        if self.attn_scale == 0.0:
+            self.attn_scale = self.head_dim**-0.5
+        if "sliding_attention" in self.layer_types and not self.sliding_window:
+            raise ConfigError("sliding_attention layers need a sliding_window size")
+
+    @property
+    def rope_kinds(self) -> list[str]:
+        """Distinct layer types, in order of first appearance; each has its own RoPE frequencies."""
+        return list(dict.fromkeys(self.layer_types))
+
+
+@dataclass
+class RecursionConfig:
+    """How the original L layers are tied into K shared layers looped B times, and relaxed.
+
+    Attributes:
+        loops: B, the number of times the block of shared layers runs (1 = the original model).
+        strategy: which shared layer serves each depth (METHOD.md section 1).
+        init: how shared weights are initialised from the original layers.
+        ranks: LoRA rank per linear kind (q, k, v, o, gate, up, down); 0 = no LoRA (pure recursive).
+        lora_init: "svd" (truncated SVD of each depth's residual) or "zero" (standard LoRA init).
+        norms: "per-depth" keeps each depth's norm gains (exact at full rank, the default),
+            "tied" ties them like the weights (the paper), "fold" absorbs pre-norm gains into the
+            linears they feed before tying and keeps unfoldable norms per depth.
+        rank_spec: the rank as the user gave it ("full" or an int), kept for reports.
+    """
+
+    loops: int = 1
+    strategy: str = "cycle"
+    init: str = "stepwise"
+    ranks: dict[str, int] = field(default_factory=dict)
+    lora_init: str = "svd"
+    norms: str = "per-depth"
+    rank_spec: int | str = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_choice("strategy", self.strategy, STRATEGIES)
+        _check_choice("init", self.init, SHARED_INITS)
+        _check_choice("lora_init", self.lora_init, LORA_INITS)
+        _check_choice("norms", self.norms, NORM_MODES)
+        if not isinstance(self.loops, int) or self.loops < 1:
+            raise ConfigError(f"loops must be a positive integer, got {self.loops!r}")
+        for name, rank in self.ranks.items():
+            if name not in LINEARS or rank < 0:
+                raise ConfigError(f"invalid LoRA rank entry {name}={rank}")
+
+    @property
+    def relaxed(self) -> bool:
+        """True when any linear carries a per-depth LoRA."""
+        return any(r > 0 for r in self.ranks.values())
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """Dataclass to a JSON-ready dict."""
+    return dataclasses.asdict(obj)

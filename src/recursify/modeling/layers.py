@@ -1,0 +1,162 @@
+"""The decoder layer shared across depths: attention + gated MLP, with per-visit LoRA and norms.
+
+One compact implementation covers Llama/Mistral, Qwen2 (q/k/v bias), Qwen3 (q/k norm), Gemma
+((1+w) norms, GeGLU, embedding scale), Gemma2 (sandwich norms, attention soft-capping) and Gemma3
+(sandwich + q/k norms, per-layer-type RoPE); families differ only through ArchConfig flags.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from recursify.config import ArchConfig
+from recursify.modeling.kv_cache import KVCache
+from recursify.modeling.lora import DepthLinear, DepthRMSNorm, Visit
+
+# Norms that sit right before linears: their gains can be folded into those linears.
+FOLDABLE_NORMS: dict[str, tuple[str, ...]] = {"attn_norm": ("q", "k", "v"), "mlp_norm": ("gate", "up")}
+
+
+def norm_names(arch: ArchConfig) -> list[str]:
+    """Per-layer norms this family has, by our names."""
+    names = ["attn_norm", "mlp_norm"]
+    if arch.sandwich_norms:
+        names += ["post_attn_norm", "post_mlp_norm"]
+    if arch.qk_norm:
+        names += ["q_norm", "k_norm"]
+    return names
+
+
+def linear_shapes(arch: ArchConfig) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of every linear in a layer."""
+    h, q_out, kv_out, ffn = arch.hidden_size, arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim, arch.intermediate_size
+    return {"q": (h, q_out), "k": (h, kv_out), "v": (h, kv_out), "o": (q_out, h), "gate": (h, ffn), "up": (h, ffn), "down": (ffn, h)}
+
+
+@dataclass
+class AttentionContext:
+    """What every depth of one forward pass shares: RoPE tables, masks and the cache."""
+
+    rope: dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer type -> (cos, sin), [batch, seq, head_dim]
+    masks: dict[str, torch.Tensor]  # layer type -> bool [batch, 1, seq, kv_len], True = may attend
+    cache: KVCache | None
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [batch, heads, seq, head_dim]; cos/sin: [batch, seq, head_dim]."""
+    cos, sin = cos[:, None], sin[:, None]
+    return x * cos + rotate_half(x) * sin
+
+
+class SharedLayer(nn.Module):
+    """One unique layer. ``visits`` = how many depths it serves; norm slots are 1 (tied) or visits."""
+
+    def __init__(self, arch: ArchConfig, visits: int, ranks: dict[str, int], norm_slots: dict[str, int], bias_delta: bool):
+        super().__init__()
+        self.arch = arch
+        for name, (fan_in, fan_out) in linear_shapes(arch).items():
+            has_bias = arch.attention_bias and name in ("q", "k", "v")
+            self.add_module(name, DepthLinear(fan_in, fan_out, visits, ranks.get(name, 0), has_bias, has_bias and bias_delta))
+        for name in norm_names(arch):
+            dim = arch.head_dim if name in ("q_norm", "k_norm") else arch.hidden_size
+            self.add_module(name, DepthRMSNorm(dim, norm_slots[name], arch.rms_norm_eps, arch.norm_offset))
+
+    def linear(self, name: str) -> DepthLinear:
+        module = getattr(self, name)
+        assert isinstance(module, DepthLinear)
+        return module
+
+    def norm(self, name: str) -> DepthRMSNorm:
+        module = getattr(self, name)
+        assert isinstance(module, DepthRMSNorm)
+        return module
+
+    def forward(self, h: torch.Tensor, visit: Visit, depth: int, ctx: AttentionContext) -> torch.Tensor:
+        """h: [batch, seq, hidden] -> same. ``depth`` picks the attention pattern and KV slot."""
+        layer_type = self.arch.layer_types[depth]
+        attn = self.attention(self.norm("attn_norm")(h, visit), visit, depth, layer_type, ctx)
+        if self.arch.sandwich_norms:
+            attn = self.norm("post_attn_norm")(attn, visit)
+        h = h + attn
+        mlp = self.mlp(self.norm("mlp_norm")(h, visit), visit)
+        if self.arch.sandwich_norms:
+            mlp = self.norm("post_mlp_norm")(mlp, visit)
+        return h + mlp
+
+    def project_qkv(
+        self, x: torch.Tensor, visit: Visit, rope: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys, values ([batch, heads, seq, head_dim]) with q/k norm and RoPE applied."""
+        batch, seq, _ = x.shape
+        arch = self.arch
+        q = self.linear("q")(x, visit).view(batch, seq, arch.num_heads, arch.head_dim)
+        k = self.linear("k")(x, visit).view(batch, seq, arch.num_kv_heads, arch.head_dim)
+        v = self.linear("v")(x, visit).view(batch, seq, arch.num_kv_heads, arch.head_dim)
+        if arch.qk_norm:
+            q, k = self.norm("q_norm")(q, visit), self.norm("k_norm")(k, visit)
+        cos, sin = rope
+        q = apply_rope(q.transpose(1, 2), cos, sin)  # (batch, heads, seq, head_dim)
+        k = apply_rope(k.transpose(1, 2), cos, sin)  # (batch, kv_heads, seq, head_dim)
+        return q, k, v.transpose(1, 2)
+
+    def attention(self, x: torch.Tensor, visit: Visit, depth: int, layer_type: str, ctx: AttentionContext) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        q, k, v = self.project_qkv(x, visit, ctx.rope[layer_type])
+        if ctx.cache is not None:
+            k, v = ctx.cache.update(depth, k, v)
+        out = scaled_attention(q, k, v, ctx.masks[layer_type], self.arch.attn_scale, self.arch.attn_softcap)
+        return self.linear("o")(out.transpose(1, 2).reshape(batch, seq, -1), visit)
+
+    def mlp(self, x: torch.Tensor, visit: Visit) -> torch.Tensor:
+        gate = self.linear("gate")(x, visit)
+        gate = nn.functional.silu(gate) if self.arch.hidden_act == "silu" else nn.functional.gelu(gate, approximate="tanh")
+        return self.linear("down")(gate * self.linear("up")(x, visit), visit)
+
+
+def scaled_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float, softcap: float | None
+) -> torch.Tensor:
+    """Grouped-query attention. q: [b, heads, s, d]; k, v: [b, kv_heads, kv, d]; mask: bool [b, 1, s, kv].
+
+    Soft-capping (Gemma2) needs the raw scores, so it takes the explicit path; otherwise SDPA.
+    Every query may attend at least to itself (see ``build_masks``), so no row is fully masked.
+    """
+    if softcap is None:
+        return nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = torch.tanh((q @ k.transpose(-1, -2)) * scale / softcap) * softcap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+
+
+def build_masks(
+    attention_mask: torch.Tensor, query_len: int, layer_types: list[str], sliding_window: int | None
+) -> dict[str, torch.Tensor]:
+    """Boolean masks [batch, 1, query_len, kv_len] per layer type from a padding mask [batch, kv_len].
+
+    Queries are the last ``query_len`` cache positions. A key is visible when it is not padding,
+    not in the future, and (sliding layers) fewer than ``sliding_window`` positions back. Each
+    query also sees itself, so padded query rows stay finite instead of producing NaNs.
+    """
+    kv_len = attention_mask.shape[1]
+    q_idx = torch.arange(kv_len - query_len, kv_len, device=attention_mask.device)[:, None]
+    kv_idx = torch.arange(kv_len, device=attention_mask.device)[None, :]
+    causal = kv_idx <= q_idx
+    keep = attention_mask.bool()[:, None, None, :]
+    diagonal = kv_idx == q_idx
+    masks = {}
+    for layer_type in dict.fromkeys(layer_types):
+        allowed = causal
+        if layer_type == "sliding_attention" and sliding_window is not None:
+            allowed = allowed & (kv_idx > q_idx - sliding_window)
+        masks[layer_type] = (allowed & keep) | diagonal
+    return masks

@@ -1,0 +1,88 @@
+"""Depth-indexed building blocks: a tied linear with one LoRA per visit, and a per-visit RMSNorm.
+
+A shared layer is *visited* once per depth it serves (loop 0, loop 1, ...). Everything that may
+differ between visits (LoRA pairs, bias residuals, norm gains) is stored stacked over visits and
+selected by a visit index that is either an int (the whole batch sits at one depth) or a LongTensor
+with one entry per batch row (a serving batch that mixes loops); the second path gathers the LoRA
+factors per row and runs one batched matmul instead of a Python loop over depths.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+Visit = int | torch.Tensor
+
+
+class DepthLinear(nn.Module):
+    """``y = x W'^T + b' + B_v A_v x + delta_b_v`` with W', b' shared and (A_v, B_v, delta_b_v) per visit.
+
+    Shapes: weight [out, in]; lora_A [visits, r, in]; lora_B [visits, out, r]; bias_delta [visits, out].
+    """
+
+    def __init__(self, in_features: int, out_features: int, visits: int, rank: int, bias: bool, bias_delta: bool):
+        super().__init__()
+        self.in_features, self.out_features, self.visits, self.rank = in_features, out_features, visits, rank
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.lora_A = nn.Parameter(torch.zeros(visits, rank, in_features)) if rank > 0 else None
+        self.lora_B = nn.Parameter(torch.zeros(visits, out_features, rank)) if rank > 0 else None
+        self.bias_delta = nn.Parameter(torch.zeros(visits, out_features)) if bias_delta else None
+
+    def forward(self, x: torch.Tensor, visit: Visit) -> torch.Tensor:
+        """x: [batch, seq, in]; visit: int or LongTensor [batch]."""
+        y = nn.functional.linear(x, self.weight, self.bias)
+        if self.lora_A is not None and self.lora_B is not None:
+            y = y + lora_delta(x, self.lora_A, self.lora_B, visit)
+        if self.bias_delta is not None:
+            delta = self.bias_delta[visit]
+            y = y + (delta if isinstance(visit, int) else delta[:, None, :])
+        return y
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, visits={self.visits}, rank={self.rank}"
+
+
+def lora_delta(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, visit: Visit) -> torch.Tensor:
+    """The LoRA term ``B_v A_v x`` for a whole batch at one visit, or per row with a gather.
+
+    x: [batch, seq, in]; lora_A: [visits, r, in]; lora_B: [visits, out, r]; visit: int or [batch].
+    """
+    if isinstance(visit, int):
+        return (x @ lora_A[visit].transpose(0, 1)) @ lora_B[visit].transpose(0, 1)
+    a = lora_A[visit]  # (batch, r, in)
+    b = lora_B[visit]  # (batch, out, r)
+    return torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
+
+
+class DepthRMSNorm(nn.Module):
+    """RMSNorm whose gain is either tied (one slot) or kept per visit (one slot per visit).
+
+    ``offset`` is 1.0 for Gemma's ``(1 + w)`` convention. The norm is computed in float32, as
+    transformers does, so bf16 autocast does not change the statistics.
+    """
+
+    def __init__(self, dim: int, slots: int, eps: float, offset: float):
+        super().__init__()
+        self.eps, self.offset = eps, offset
+        self.weight = nn.Parameter(torch.full((slots, dim), 1.0 - offset))
+
+    @property
+    def per_visit(self) -> bool:
+        return self.weight.shape[0] > 1
+
+    def forward(self, x: torch.Tensor, visit: Visit = 0) -> torch.Tensor:
+        """x: [batch, ..., dim]; visit: int or LongTensor [batch]."""
+        if not self.per_visit:
+            gain = self.weight[0]
+        elif isinstance(visit, int):
+            gain = self.weight[visit]
+        else:
+            gain = self.weight[visit].view(visit.shape[0], *([1] * (x.dim() - 2)), -1)
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * (self.offset + gain.float())).type_as(x)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.weight.shape[1]}, slots={self.weight.shape[0]}, eps={self.eps}, offset={self.offset}"

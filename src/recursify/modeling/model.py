@@ -1,0 +1,217 @@
+"""RecursiveModel: embeddings -> K shared layers unrolled over L depths -> exits at every loop end.
+
+With loops=1 every depth has its own layer and this *is* the original model: the same class is
+teacher, baseline and student everywhere in recursify.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from recursify.config import ArchConfig, RecursionConfig
+from recursify.errors import ConfigError
+from recursify.modeling.kv_cache import KVCache
+from recursify.modeling.layers import FOLDABLE_NORMS, AttentionContext, SharedLayer, build_masks, norm_names
+from recursify.modeling.lora import DepthRMSNorm
+from recursify.modeling.schedule import DepthSlot, build_schedule, depths_of_layer, loop_end_depths, num_unique_layers
+
+
+@dataclass
+class ModelOutput:
+    """Forward result.
+
+    Attributes:
+        logits: [batch, seq, vocab] after the last depth.
+        exit_logits: with ``output_exits``, one [batch, seq, vocab] tensor per loop end (the last
+            equals ``logits``).
+        hidden_states: with ``output_hidden_states``, the residual stream after the embedding and
+            after every depth (L + 1 tensors, no final norm).
+    """
+
+    logits: torch.Tensor
+    exit_logits: list[torch.Tensor] | None = None
+    hidden_states: list[torch.Tensor] | None = None
+
+
+@dataclass
+class SourceInfo:
+    """Where the weights came from: kept in config.json so a checkpoint explains itself."""
+
+    spec: str = ""
+    hf_config: dict[str, Any] = field(default_factory=dict)
+    total_params: int = 0
+
+
+def norm_is_tied(recursion: RecursionConfig, name: str) -> bool:
+    """Whether a norm keeps one gain for all depths of a shared layer (see RecursionConfig.norms)."""
+    return recursion.norms == "tied" or (recursion.norms == "fold" and name in FOLDABLE_NORMS)
+
+
+def norm_slot_counts(arch: ArchConfig, recursion: RecursionConfig, visits: int) -> dict[str, int]:
+    """How many gain vectors each norm of a shared layer keeps."""
+    return {name: 1 if norm_is_tied(recursion, name) else visits for name in norm_names(arch)}
+
+
+class RecursiveModel(nn.Module):
+    """A (relaxed) recursive decoder. Build it through ``recursify.convert`` or ``recursify.load``."""
+
+    def __init__(self, arch: ArchConfig, recursion: RecursionConfig, source: SourceInfo | None = None):
+        super().__init__()
+        self.arch, self.recursion = arch, recursion
+        self.source = source or SourceInfo()
+        self.tokenizer: Any = None
+        self.schedule: list[DepthSlot] = build_schedule(arch.num_layers, recursion.loops, recursion.strategy)
+        self.exit_depths = loop_end_depths(self.schedule)
+        unique = num_unique_layers(arch.num_layers, recursion.loops, recursion.strategy)
+        bias_delta = recursion.relaxed and recursion.loops > 1
+        layers = []
+        for layer in range(unique):
+            visits = len(depths_of_layer(self.schedule, layer))
+            slots = norm_slot_counts(arch, recursion, visits)
+            layers.append(SharedLayer(arch, visits, recursion.ranks, slots, bias_delta))
+        self.embed = nn.Embedding(arch.vocab_size, arch.hidden_size)
+        self.layers = nn.ModuleList(layers)
+        self.final_norm = DepthRMSNorm(arch.hidden_size, 1, arch.rms_norm_eps, arch.norm_offset)
+        self.lm_head = None if arch.tie_word_embeddings else nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
+        for kind in arch.rope_kinds:
+            self.register_buffer(rope_buffer_name(kind), torch.zeros(arch.head_dim // 2))
+
+    @property
+    def num_depths(self) -> int:
+        return self.arch.num_layers
+
+    @property
+    def loops(self) -> int:
+        return self.recursion.loops
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    def shared_layer(self, index: int) -> SharedLayer:
+        layer = self.layers[index]
+        assert isinstance(layer, SharedLayer)
+        return layer
+
+    def rope_tables(self, position_ids: torch.Tensor, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """(cos, sin) [batch, seq, head_dim] per layer type for integer positions [batch, seq]."""
+        tables = {}
+        for kind in self.arch.rope_kinds:
+            inv_freq = getattr(self, rope_buffer_name(kind)).float()
+            freqs = position_ids[..., None].float() * inv_freq  # (batch, seq, head_dim / 2)
+            emb = torch.cat((freqs, freqs), dim=-1)
+            scale = self.arch.rope_scaling.get(kind, 1.0)
+            tables[kind] = ((emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype))
+        return tables
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(input_ids)
+        if self.arch.embed_scale != 1.0:
+            h = h * torch.tensor(self.arch.embed_scale, dtype=h.dtype)
+        return h
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm + LM head (+ Gemma2 soft-cap): used by the last depth and by every early exit."""
+        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        logits = nn.functional.linear(self.final_norm(h), weight)
+        if self.arch.final_softcap is not None:
+            logits = torch.tanh(logits / self.arch.final_softcap) * self.arch.final_softcap
+        return logits
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        output_exits: bool = False,
+        output_hidden_states: bool = False,
+        logits_to_keep: int = 0,
+    ) -> ModelOutput:
+        """Run the unrolled stack.
+
+        Args:
+            input_ids: [batch, seq] new tokens (the whole sequence, or the next ones with a cache).
+            attention_mask: [batch, past + seq], 0 at padding; all ones when omitted.
+            position_ids: [batch, seq]; by default counted over non-padding tokens.
+            cache: a KVCache holding ``past`` tokens; the new keys/values are appended.
+            output_exits: also return logits at the end of every loop.
+            output_hidden_states: also return the residual stream after every depth.
+            logits_to_keep: compute logits for the last N positions only (0 = all).
+        """
+        batch, seq = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, past + seq, dtype=torch.long, device=input_ids.device)
+        if attention_mask.shape != (batch, past + seq):
+            raise ConfigError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(batch, past + seq)}")
+        if position_ids is None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+        h = self.embed_tokens(input_ids)
+        ctx = AttentionContext(
+            rope=self.rope_tables(position_ids, h.dtype),
+            masks=build_masks(attention_mask, seq, self.arch.layer_types, self.arch.sliding_window),
+            cache=cache,
+        )
+        keep = slice(-logits_to_keep, None) if logits_to_keep > 0 else slice(None)
+        hidden = [h] if output_hidden_states else None
+        exits: list[torch.Tensor] | None = [] if output_exits else None
+        for slot in self.schedule:
+            h = self.shared_layer(slot.layer)(h, slot.visit, slot.depth, ctx)
+            if hidden is not None:
+                hidden.append(h)
+            if exits is not None and slot.depth in self.exit_depths:
+                exits.append(self.head(h[:, keep]))
+        if cache is not None:
+            cache.advance(seq)
+        logits = exits[-1] if exits else self.head(h[:, keep])
+        return ModelOutput(logits=logits, exit_logits=exits, hidden_states=hidden)
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        """An empty KV cache with one slot per depth."""
+        return KVCache(self.num_depths, batch_size, self.arch.num_kv_heads, self.arch.head_dim, max_len)
+
+    def param_counts(self) -> dict[str, int | float]:
+        """Embedding / non-embedding / LoRA / total parameters and the ratio to the source model."""
+        counts = {"embedding": 0, "non_embedding": 0, "lora": 0}
+        for name, param in self.named_parameters():
+            counts[parameter_group(name)] += param.numel()
+        total = sum(counts.values())
+        source_total = self.source.total_params or total
+        return {**counts, "total": total, "source_total": source_total, "ratio": total / source_total}
+
+    def generate(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """Generate continuations; see ``recursify.modeling.generation.generate`` for the options."""
+        from recursify.modeling.generation import generate
+
+        return generate(self, input_ids, **kwargs)
+
+    def stream(self, input_ids: torch.Tensor, **kwargs: Any) -> Iterator[torch.Tensor]:
+        """Yield the next token of every row, step by step; see ``generation.stream``."""
+        from recursify.modeling.generation import stream
+
+        return stream(self, input_ids, **kwargs)
+
+    def save_pretrained(self, directory: str, overwrite: bool = False) -> None:
+        """Write config.json + model.safetensors (+ tokenizer files) atomically."""
+        from recursify.checkpoint import save_pretrained
+
+        save_pretrained(self, directory, overwrite=overwrite)
+
+
+def rope_buffer_name(layer_type: str) -> str:
+    return f"inv_freq_{layer_type}"
+
+
+def parameter_group(name: str) -> str:
+    """Which accounting group a parameter belongs to (METHOD.md section 3)."""
+    if name.startswith(("embed.", "lm_head.")):
+        return "embedding"
+    if name.rsplit(".", 1)[-1] in ("lora_A", "lora_B", "bias_delta"):
+        return "lora"
+    return "non_embedding"
