@@ -76,3 +76,25 @@ def tiny_model(family: str, seed: int = 0, **overrides: Any) -> Any:
             else:
                 param.copy_(noise / param.shape[-1] ** 0.5)
     return model.eval()
+
+
+def tiny_tokenizer() -> Any:
+    """A character-level fast tokenizer whose ids fit the tiny models' vocabulary (97)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    chars = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,!?'-:;")
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{c: i + 4 for i, c in enumerate(chars)}}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def save_tiny_checkpoint(directory: Any, family: str = "llama", seed: int = 0) -> Any:
+    """A transformers checkpoint directory (weights + tokenizer) of a tiny random model."""
+    model = tiny_model(family, seed)
+    model.save_pretrained(directory)
+    tiny_tokenizer().save_pretrained(directory)
+    return model

@@ -112,6 +112,7 @@ def load(directory: str | os.PathLike[str], device: str | torch.device = "cpu") 
         arch = ArchConfig(**config["architecture"])
         recursion = RecursionConfig(**config["recursion"])
         source = SourceInfo(**config.get("source", {}))
+        model = RecursiveModel(arch, recursion, source)  # validates loops against the layers, too
     except (KeyError, TypeError) as err:
         raise CheckpointError(f"{path / CONFIG_FILE} is incomplete or malformed ({err}); re-create the checkpoint") from err
     except RecursifyError as err:
@@ -123,7 +124,6 @@ def load(directory: str | os.PathLike[str], device: str | torch.device = "cpu") 
         state = load_file(str(weights), device=str(device))
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{weights} is corrupt ({err}); re-create the checkpoint") from err
-    model = RecursiveModel(arch, recursion, source)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:

@@ -53,7 +53,7 @@ def convert(
     elif isinstance(source, LoadedSource):
         loaded = source
     else:
-        loaded = load_source(source)
+        loaded = load_source(source, check_config=arch_from_hf)
     arch = arch_from_hf(loaded.hf_config)
     recursion = RecursionConfig(
         loops=loops,
@@ -67,8 +67,9 @@ def convert(
     )
     original = split_state_dict(loaded.hf_config, loaded.state_dict)
     info = SourceInfo(spec=loaded.spec, hf_config=loaded.hf_config.to_dict(), total_params=original_param_count(original))
-    model = RecursiveModel(arch, recursion, info)
-    model.load_state_dict(recursive_state_dict(original, arch, recursion, progress), strict=True)
+    with torch.device("meta"):  # no memory or init work for weights that are replaced at once
+        model = RecursiveModel(arch, recursion, info)
+    model.load_state_dict(recursive_state_dict(original, arch, recursion, progress), strict=True, assign=True)
     model.tokenizer = loaded.tokenizer
     return model.eval()
 

@@ -13,14 +13,23 @@ from recursify.errors import ConfigError
 def svd_lora(residual: torch.Tensor, rank: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """(A [rank, in], B [out, rank]) with B @ A the best rank-``rank`` approximation of residual [out, in].
 
-    A residual that is exactly zero (the depth the shared weight was copied from) has no
-    singular directions; it gets the standard LoRA init instead, so training can still move it.
-    The SVD runs in float64: at full rank the reconstruction error stays ~1e-12, not ~1e-6.
+    A = V_r^T (top right singular vectors) and B = R V_r = U_r S_r, as a truncated SVD gives them.
+    They come from the eigen-decomposition of the smaller Gram matrix in float64, which is several
+    times faster than a full SVD and still exact at full rank: there V_r V_r^T = I, so B A = R.
+    A residual that is exactly zero (the depth the shared weight was copied from) has no singular
+    directions; it gets the standard LoRA init instead, so training can still move it.
     """
     if not bool(residual.any()):
         return zero_lora(residual.shape[1], residual.shape[0], rank, generator)
-    u, s, vh = torch.linalg.svd(residual.double(), full_matrices=False)
-    return vh[:rank].float().contiguous(), (u[:, :rank] * s[:rank]).float().contiguous()
+    r = residual.double()
+    if r.shape[0] >= r.shape[1]:
+        _, right = torch.linalg.eigh(r.T @ r)
+        a = right[:, -rank:].flip(-1).T  # (rank, in), largest singular value first
+    else:
+        _, left = torch.linalg.eigh(r @ r.T)
+        scaled = left[:, -rank:].flip(-1).T @ r  # (rank, in): row i = s_i v_i^T
+        a = scaled / scaled.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+    return a.float().contiguous(), (r @ a.T).float().contiguous()
 
 
 def zero_lora(in_features: int, out_features: int, rank: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,19 +42,22 @@ def resolve_ranks(rank: int | str, shapes: dict[str, tuple[int, int]]) -> dict[s
     """Per-linear LoRA ranks from the user's ``rank``: an int for all linears, or "full".
 
     "full" gives each linear min(in, out), the rank at which it reproduces every depth exactly.
+    An int above a linear's min(in, out) is capped there (that linear is then exact, e.g. the
+    narrow k/v projections of GQA models); an int above every linear's min(in, out) is an error.
     """
+    full = {name: min(fan_in, fan_out) for name, (fan_in, fan_out) in shapes.items()}
     if rank == "full":
-        return {name: min(fan_in, fan_out) for name, (fan_in, fan_out) in shapes.items()}
+        return full
     if isinstance(rank, str):
         if not rank.isdigit():
             raise ConfigError(f"rank must be a non-negative integer or 'full', got {rank!r}")
         rank = int(rank)
     if rank < 0:
         raise ConfigError(f"rank must be >= 0, got {rank}")
-    for name, (fan_in, fan_out) in shapes.items():
-        if rank > min(fan_in, fan_out):
-            raise ConfigError(
-                f"rank {rank} exceeds min(in, out) = {min(fan_in, fan_out)} of linear '{name}' ({fan_out}x{fan_in}); "
-                f"use a rank <= {min(min(s) for s in shapes.values())} or 'full'"
-            )
-    return {name: rank for name in shapes}
+    if rank > max(full.values()):
+        widest = max(full, key=lambda name: full[name])
+        raise ConfigError(
+            f"rank {rank} exceeds min(in, out) = {full[widest]} of every linear (largest: '{widest}'); "
+            f"use a rank <= {full[widest]}, or 'full' for exact reproduction"
+        )
+    return {name: min(rank, cap) for name, cap in full.items()}

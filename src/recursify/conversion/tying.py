@@ -39,5 +39,5 @@ def init_sources(schedule: list[DepthSlot], init: str, strategy: str) -> list[li
 
 
 def tie(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """The shared value of tensors from several depths: their mean (a copy for one depth)."""
-    return torch.stack(tensors).mean(dim=0) if len(tensors) > 1 else tensors[0].clone()
+    """The shared value of tensors from several depths: their mean (the tensor itself for one depth)."""
+    return torch.stack(tensors).mean(dim=0) if len(tensors) > 1 else tensors[0]

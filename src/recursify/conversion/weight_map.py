@@ -155,7 +155,7 @@ def split_state_dict(hf_config: Any, state_dict: dict[str, torch.Tensor]) -> Ori
     def take(name: str) -> torch.Tensor:
         if name not in state_dict:
             raise UnsupportedModelError(f"checkpoint has no tensor {name!r} expected for {arch.family}")
-        return state_dict[name].detach().float().clone()
+        return state_dict[name].detach().float()
 
     layers = [{ours: take(LAYER_PREFIX.format(i) + theirs) for ours, theirs in keys.items()} for i in range(arch.num_layers)]
     lm_head = None if arch.tie_word_embeddings else take("lm_head.weight")

@@ -1,0 +1,36 @@
+# Two entry points for a fresh machine: `make demo` (the main job) and `make test` (the suite).
+# Both create .venv on first use; torch is pinned to the CPU build, the project keeps a range.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_CPU ?= torch==2.13.0
+
+.PHONY: setup test lint demo bench clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_CPU)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+lint: setup
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/mypy
+
+test: lint
+	$(PY) -m pytest
+
+demo: setup
+	$(VENV)/bin/recursify generate smollm2-135m --prompt "The capital of France is" --max-new-tokens 20
+	$(VENV)/bin/recursify convert --model smollm2-135m --loops 3 --init average --rank 64 --out runs/rrt --overwrite
+	$(VENV)/bin/recursify info runs/rrt
+	$(VENV)/bin/recursify generate runs/rrt --prompt "The capital of France is" --max-new-tokens 20
+
+bench: setup
+	$(PY) benchmarks/convert_speed.py
+
+clean:
+	rm -rf $(VENV) runs

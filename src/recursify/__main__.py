@@ -1,0 +1,5 @@
+import sys
+
+from recursify.cli import main
+
+sys.exit(main())

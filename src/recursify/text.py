@@ -1,0 +1,90 @@
+"""Text in, text out: prompt encoding (left padding, chat template), streaming decode, precision.
+
+The tensor-level generation lives in ``modeling.generation``; this module only adds the tokenizer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from recursify.errors import ConfigError
+from recursify.modeling.generation import SamplingConfig, stream
+
+if TYPE_CHECKING:
+    from recursify.modeling.model import RecursiveModel
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def precision_context(precision: str, device: torch.device | str = "cpu") -> contextlib.AbstractContextManager[Any]:
+    """fp32 (exact) or bf16 autocast (about 2x faster on CPUs with AVX-512 bf16)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "bf16":
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    raise ConfigError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
+
+
+def require_tokenizer(model: RecursiveModel) -> Any:
+    if model.tokenizer is None:
+        raise ConfigError("this model has no tokenizer; convert it from a source that ships one (HF directory, GGUF or alias)")
+    return model.tokenizer
+
+
+def encode_prompts(tokenizer: Any, prompts: list[str], chat: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask [batch, len] for prompts, left-padded to a common length.
+
+    With ``chat`` each prompt becomes a single user turn of the tokenizer's chat template.
+    """
+    if not prompts:
+        raise ConfigError("give at least one prompt")
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ConfigError("--chat needs a tokenizer with a chat template; this one has none")
+        prompts = [
+            tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True) for p in prompts
+        ]
+    encoded = [tokenizer(p, add_special_tokens=not chat)["input_ids"] for p in prompts]
+    if any(len(ids) == 0 for ids in encoded):
+        raise ConfigError("a prompt encodes to zero tokens; give non-empty prompts")
+    width = max(len(ids) for ids in encoded)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded])
+    mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded])
+    return input_ids, mask
+
+
+def stream_text(
+    model: RecursiveModel,
+    prompt: str,
+    max_new_tokens: int = 32,
+    sampling: SamplingConfig | None = None,
+    chat: bool = False,
+    precision: str = "fp32",
+    use_cache: bool = True,
+) -> Iterator[str]:
+    """Yield the continuation of one prompt piece by piece, as the tokens arrive."""
+    tokenizer = require_tokenizer(model)
+    input_ids, mask = encode_prompts(tokenizer, [prompt], chat)
+    tokens: list[int] = []
+    shown = ""
+    eos = set(model.arch.eos_token_ids) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+    with precision_context(precision, model.device):
+        for step in stream(model, input_ids, mask, max_new_tokens, sampling, eos_token_ids=sorted(eos), use_cache=use_cache):
+            token = int(step[0])
+            if token in eos:
+                return
+            tokens.append(token)
+            text = tokenizer.decode(tokens, skip_special_tokens=True)
+            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                yield text[len(shown) :]
+                shown = text
+
+
+def generate_text(model: RecursiveModel, prompts: list[str], max_new_tokens: int = 32, **kwargs: Any) -> list[str]:
+    """The continuation of each prompt (see ``stream_text`` for the options)."""
+    return ["".join(stream_text(model, prompt, max_new_tokens, **kwargs)) for prompt in prompts]

@@ -1,0 +1,157 @@
+"""The command line: the happy path on a tiny checkpoint, and one clear line for every user error."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from recursify import load
+from recursify.cli import build_parser, main
+from tiny import save_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def source_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    save_tiny_checkpoint(directory, "llama")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def converted(source_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "rrt"
+    args = ["convert", "--model", str(source_dir), "--loops", "3", "--init", "average", "--rank", "4", "--out", str(out), "--quiet"]
+    assert main(args) == 0
+    return out
+
+
+def run_error(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """Run a command that must fail as a user error: exit 2, one line, no traceback."""
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("recursify: error: ")
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    return err
+
+
+def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("convert", "info", "generate"):
+        assert command in out
+
+
+def test_convert_writes_a_loadable_checkpoint(converted: Path) -> None:
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in converted.iterdir()}
+    model = load(converted)
+    assert model.loops == 3 and len(model.layers) == 2
+    assert model.recursion.ranks["q"] == 4 and model.tokenizer is not None
+
+
+def test_info_json_contract(converted: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info", str(converted), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert set(info["params"]) == {"embedding", "non_embedding", "lora", "total", "source_total", "ratio"}
+    for key in ("loops", "unique_layers", "strategy", "init", "rank", "source"):
+        assert key in info
+    assert (info["loops"], info["unique_layers"], info["strategy"], info["init"], info["rank"]) == (3, 2, "cycle", "average", 4)
+    params = info["params"]
+    assert params["total"] == params["embedding"] + params["non_embedding"] + params["lora"]
+    assert params["ratio"] == pytest.approx(params["total"] / params["source_total"])
+
+
+def test_info_table_for_humans(converted: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info", str(converted)]) == 0
+    out = capsys.readouterr().out
+    assert "non-embedding" in out and "ratio" in out and "3 loops x 2 unique layers" in out
+
+
+def test_generate_matches_the_python_api(converted: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["generate", str(converted), "--prompt", "Hello", "--max-new-tokens", "6"]) == 0
+    out = capsys.readouterr().out
+    model = load(converted)
+    ids = model.tokenizer("Hello", return_tensors="pt")["input_ids"]
+    tokens = model.generate(ids, max_new_tokens=6)[0, ids.shape[1] :].tolist()
+    tokens = tokens[: tokens.index(2)] if 2 in tokens else tokens  # the CLI stops at EOS (id 2)
+    assert out == "Hello" + model.tokenizer.decode(tokens, skip_special_tokens=True) + "\n"
+
+
+def test_generate_from_a_source_runs_the_original(source_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["generate", str(source_dir), "--prompt", "ab", "--max-new-tokens", "3", "--precision", "bf16"]) == 0
+    assert capsys.readouterr().out.startswith("ab")
+
+
+def test_unknown_alias(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    err = run_error(["convert", "--model", "no-such-model", "--out", str(tmp_path / "x")], capsys)
+    assert "smollm2-135m" in err  # the message lists the known aliases
+
+
+def test_loops_that_do_not_divide(source_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    err = run_error(["convert", "--model", str(source_dir), "--loops", "4", "--out", str(tmp_path / "x"), "--quiet"], capsys)
+    assert "valid loops: 1, 2, 3, 6" in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_rank_above_every_linear(source_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    err = run_error(["convert", "--model", str(source_dir), "--rank", "999", "--out", str(tmp_path / "x"), "--quiet"], capsys)
+    assert "rank 999 exceeds" in err
+
+
+def test_existing_output_needs_overwrite(source_dir: Path, converted: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    before = (converted / "model.safetensors").read_bytes()
+    err = run_error(["convert", "--model", str(source_dir), "--out", str(converted), "--quiet"], capsys)
+    assert "--overwrite" in err
+    assert (converted / "model.safetensors").read_bytes() == before
+
+
+def test_unsupported_model_type(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    err = run_error(["convert", "--model", str(tmp_path / "gpt2"), "--out", str(tmp_path / "x"), "--quiet"], capsys)
+    assert "unsupported model type 'gpt2'" in err and "llama" in err
+
+
+def test_info_on_missing_and_corrupt_checkpoints(converted: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run_error(["info", str(tmp_path / "missing")], capsys)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (broken / name).write_bytes((converted / name).read_bytes())
+    with (broken / "model.safetensors").open("r+b") as handle:
+        handle.truncate(1000)
+    assert "corrupt" in run_error(["info", str(broken)], capsys)
+
+
+def test_bad_sampling_options(converted: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run_error(["generate", str(converted), "--prompt", "a", "--top-p", "0"], capsys)
+    run_error(["generate", str(converted), "--prompt", "a", "--temperature", "-1"], capsys)
+
+
+def test_bad_argument_values_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    for args in (
+        ["convert", "--rank", "lots", "--out", "x"],
+        ["convert", "--loops", "0", "--out", "x"],
+        ["convert", "--init", "magic", "--out", "x"],
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(args)
+        assert exit_info.value.code == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_python_module_entry_point(converted: Path) -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "recursify", "info", str(converted), "--json"], capture_output=True, text=True, check=True
+    )
+    assert json.loads(result.stdout)["loops"] == 3
+    assert torch.__version__  # the subprocess ran in the same environment
