@@ -69,7 +69,12 @@ def convert(
     info = SourceInfo(spec=loaded.spec, hf_config=loaded.hf_config.to_dict(), total_params=original_param_count(original))
     with torch.device("meta"):  # no memory or init work for weights that are replaced at once
         model = RecursiveModel(arch, recursion, info)
-    model.load_state_dict(recursive_state_dict(original, arch, recursion, progress), strict=True, assign=True)
+    state = recursive_state_dict(original, arch, recursion, progress)
+    if not isinstance(source, (str, os.PathLike)):
+        # The caller keeps this source (e.g. as the KD teacher or for a second conversion); copied
+        # or single-source tensors would otherwise share its storage, and training would change it.
+        state = {name: tensor.clone() for name, tensor in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
     model.tokenizer = loaded.tokenizer
     return model.eval()
 

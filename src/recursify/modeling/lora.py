@@ -2,9 +2,9 @@
 
 A shared layer is *visited* once per depth it serves (loop 0, loop 1, ...). Everything that may
 differ between visits (LoRA pairs, bias residuals, norm gains) is stored stacked over visits and
-selected by a visit index that is either an int (the whole batch sits at one depth) or a LongTensor
-with one entry per batch row (a serving batch that mixes loops); the second path gathers the LoRA
-factors per row and runs one batched matmul instead of a Python loop over depths.
+selected by a visit index: an int (the whole batch sits at one depth), a LongTensor [batch] (one
+depth per row: a serving batch that mixes loops) or a LongTensor [batch, seq] (one depth per token).
+The tensor paths use gathered or stacked factors in batched matmuls, never a Python loop over depths.
 """
 
 from __future__ import annotations
@@ -31,13 +31,13 @@ class DepthLinear(nn.Module):
         self.bias_delta = nn.Parameter(torch.zeros(visits, out_features)) if bias_delta else None
 
     def forward(self, x: torch.Tensor, visit: Visit) -> torch.Tensor:
-        """x: [batch, seq, in]; visit: int or LongTensor [batch]."""
+        """x: [batch, seq, in]; visit: int, LongTensor [batch] or [batch, seq]."""
         y = nn.functional.linear(x, self.weight, self.bias)
         if self.lora_A is not None and self.lora_B is not None:
             y = y + lora_delta(x, self.lora_A, self.lora_B, visit)
         if self.bias_delta is not None:
-            delta = self.bias_delta[visit]
-            y = y + (delta if isinstance(visit, int) else delta[:, None, :])
+            delta = self.bias_delta[visit]  # (out,), (batch, out) or (batch, seq, out)
+            y = y + (delta[:, None, :] if isinstance(visit, torch.Tensor) and visit.dim() == 1 else delta)
         return y
 
     def extra_repr(self) -> str:
@@ -45,15 +45,26 @@ class DepthLinear(nn.Module):
 
 
 def lora_delta(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, visit: Visit) -> torch.Tensor:
-    """The LoRA term ``B_v A_v x`` for a whole batch at one visit, or per row with a gather.
+    """The LoRA term ``B_v A_v x`` at one visit for the batch, per row, or per token.
 
-    x: [batch, seq, in]; lora_A: [visits, r, in]; lora_B: [visits, out, r]; visit: int or [batch].
+    x: [batch, seq, in]; lora_A: [visits, r, in]; lora_B: [visits, out, r];
+    visit: int, LongTensor [batch] or LongTensor [batch, seq].
+    Per row, the factors are gathered ([batch, r, in]) for two bmm calls. Per token, gathering
+    [r, in] per token would cost more memory than compute, so x is projected through every
+    visit's A at once, the token's own slice is kept (others zeroed), and one matmul with all
+    B's side by side finishes it.
     """
     if isinstance(visit, int):
         return (x @ lora_A[visit].transpose(0, 1)) @ lora_B[visit].transpose(0, 1)
-    a = lora_A[visit]  # (batch, r, in)
-    b = lora_B[visit]  # (batch, out, r)
-    return torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
+    if visit.dim() == 1:
+        a = lora_A[visit]  # (batch, r, in)
+        b = lora_B[visit]  # (batch, out, r)
+        return torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
+    visits, rank, fan_in = lora_A.shape
+    projected = (x @ lora_A.reshape(visits * rank, fan_in).transpose(0, 1)).unflatten(-1, (visits, rank))  # (batch, seq, visits, r)
+    own = nn.functional.one_hot(visit, visits).to(projected.dtype)[..., None]  # (batch, seq, visits, 1)
+    stacked_b = lora_B.permute(1, 0, 2).reshape(lora_B.shape[1], visits * rank)  # (out, visits * r)
+    return (projected * own).flatten(-2) @ stacked_b.transpose(0, 1)
 
 
 class DepthRMSNorm(nn.Module):
@@ -73,13 +84,14 @@ class DepthRMSNorm(nn.Module):
         return self.weight.shape[0] > 1
 
     def forward(self, x: torch.Tensor, visit: Visit = 0) -> torch.Tensor:
-        """x: [batch, ..., dim]; visit: int or LongTensor [batch]."""
+        """x: [batch, seq, (heads,) dim]; visit: int, LongTensor [batch] or [batch, seq]."""
         if not self.per_visit:
             gain = self.weight[0]
         elif isinstance(visit, int):
             gain = self.weight[visit]
-        else:
-            gain = self.weight[visit].view(visit.shape[0], *([1] * (x.dim() - 2)), -1)
+        else:  # one gain per row or per token, broadcast over the dims visit does not cover
+            gain = self.weight[visit]
+            gain = gain.view(*gain.shape[:-1], *([1] * (x.dim() - visit.dim() - 1)), gain.shape[-1])
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return (normed * (self.offset + gain.float())).type_as(x)
