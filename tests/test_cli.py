@@ -155,3 +155,10 @@ def test_python_module_entry_point(converted: Path) -> None:
     )
     assert json.loads(result.stdout)["loops"] == 3
     assert torch.__version__  # the subprocess ran in the same environment
+
+
+def test_info_on_a_source_model_describes_the_original(source_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info", str(source_dir), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["loops"] == 1 and info["unique_layers"] == 6
+    assert info["params"]["ratio"] == 1.0 and info["params"]["lora"] == 0

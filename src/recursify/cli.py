@@ -107,23 +107,27 @@ def format_info(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def cmd_info(args: argparse.Namespace) -> None:
-    """Print a checkpoint's parameter table (or JSON)."""
-    from recursify.checkpoint import load
+def open_model(path: str) -> Any:
+    """A recursify checkpoint directory, or any --model source run as the original (loops=1)."""
+    from recursify.checkpoint import is_checkpoint, load
+    from recursify.conversion.convert import convert
 
-    info = info_dict(load(args.path))
+    return load(path) if is_checkpoint(path) else convert(path, loops=1, progress=False)
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    """Print the parameter table (or JSON) of a checkpoint or a source model."""
+    info = info_dict(open_model(args.path))
     print(json.dumps(info, indent=2) if args.json else format_info(info))
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
     """Stream a continuation of each prompt to stdout."""
-    from recursify.checkpoint import is_checkpoint, load
-    from recursify.conversion.convert import convert
     from recursify.modeling.generation import SamplingConfig
     from recursify.text import stream_text
 
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    model = load(args.path) if is_checkpoint(args.path) else convert(args.path, loops=1, progress=False)
+    model = open_model(args.path)
     for prompt in args.prompt:
         print(prompt, end="", flush=True)
         pieces = stream_text(model, prompt, args.max_new_tokens, sampling, args.chat, args.precision, not args.no_cache)
@@ -153,8 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     convert.set_defaults(func=cmd_convert)
 
-    info = sub.add_parser("info", help="parameter table of a converted model", description=cmd_info.__doc__)
-    info.add_argument("path", help="checkpoint directory written by 'recursify convert'")
+    info = sub.add_parser("info", help="parameter table of a converted (or source) model", description=cmd_info.__doc__)
+    info.add_argument("path", help="checkpoint directory written by 'recursify convert', or any --model source")
     info.add_argument("--json", action="store_true", help="machine-readable output")
     info.set_defaults(func=cmd_info)
 

@@ -14,7 +14,7 @@ from recursify.conversion.tying import init_sources, tie
 from recursify.conversion.weight_map import OriginalWeights, arch_from_hf, split_state_dict
 from recursify.modeling.layers import FOLDABLE_NORMS, linear_shapes, norm_names
 from recursify.modeling.model import RecursiveModel, SourceInfo, norm_is_tied, rope_buffer_name
-from recursify.modeling.schedule import build_schedule, depths_of_layer
+from recursify.modeling.schedule import build_schedule, check_loops, depths_of_layer
 
 RANDOM_INIT_STD = 0.02
 
@@ -46,25 +46,23 @@ def convert(
     """
     from recursify.sources import LoadedSource, load_source
 
+    def recursion_for(hf_config: Any) -> tuple[ArchConfig, RecursionConfig]:
+        arch = arch_from_hf(hf_config)
+        check_loops(arch.num_layers, loops, strategy)
+        ranks = resolve_ranks(rank, linear_shapes(arch))
+        return arch, RecursionConfig(
+            loops=loops, strategy=strategy, init=init, ranks=ranks, lora_init=lora_init, norms=norms, rank_spec=rank, seed=seed
+        )
+
     if hasattr(source, "state_dict") and hasattr(source, "config"):
         loaded = LoadedSource(
             spec=type(source).__name__, kind="object", hf_config=source.config, state_dict=source.state_dict(), tokenizer=None
         )
     elif isinstance(source, LoadedSource):
         loaded = source
-    else:
-        loaded = load_source(source, check_config=arch_from_hf)
-    arch = arch_from_hf(loaded.hf_config)
-    recursion = RecursionConfig(
-        loops=loops,
-        strategy=strategy,
-        init=init,
-        ranks=resolve_ranks(rank, linear_shapes(arch)),
-        lora_init=lora_init,
-        norms=norms,
-        rank_spec=rank,
-        seed=seed,
-    )
+    else:  # options are checked against the config before any weights are read
+        loaded = load_source(source, check_config=recursion_for)
+    arch, recursion = recursion_for(loaded.hf_config)
     original = split_state_dict(loaded.hf_config, loaded.state_dict)
     info = SourceInfo(spec=loaded.spec, hf_config=loaded.hf_config.to_dict(), total_params=original_param_count(original))
     with torch.device("meta"):  # no memory or init work for weights that are replaced at once
