@@ -145,7 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--model", default=DEFAULT_MODEL, help=f"HF directory, .gguf file, hub id or alias (default: {DEFAULT_MODEL})")
     convert.add_argument("--loops", type=_positive_int, default=2, help="B: loops over K = L/B shared layers (default: 2)")
     convert.add_argument("--init", choices=SHARED_INITS, default="stepwise", help="shared-layer init (default: stepwise)")
-    convert.add_argument("--rank", type=_rank, default=0, help="per-depth LoRA rank; 0 = pure recursive, 'full' = exact (default: 0)")
+    convert.add_argument(
+        "--rank",
+        type=_rank,
+        default=0,
+        help="per-depth LoRA rank; 0 = pure recursive, 'full' = exact; capped at each linear's min(in, out) (default: 0)",
+    )
     convert.add_argument("--strategy", choices=STRATEGIES, default="cycle", help="which shared layer serves each depth (default: cycle)")
     convert.add_argument(
         "--norms", choices=NORM_MODES, default="per-depth", help="RMSNorm gains: per-depth (exact at full rank), tied, fold"
