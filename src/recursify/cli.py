@@ -11,8 +11,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from recursify.config import NORM_MODES, SHARED_INITS, STRATEGIES
-from recursify.errors import RecursifyError
+from recursify.config import LORA_INITS, NORM_MODES, SHARED_FITS, SHARED_INITS, STRATEGIES
+from recursify.errors import ConfigError, RecursifyError
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -49,6 +49,11 @@ def cmd_convert(args: argparse.Namespace) -> None:
         lora_init=args.lora_init,
         seed=args.seed,
         progress=not args.quiet,
+        shared_init=args.shared_init,
+        calib=args.calib,
+        calib_tokens=args.calib_tokens,
+        lora_params=args.lora_params,
+        lsq_rounds=args.lsq_rounds,
     )
     model.save_pretrained(args.out, overwrite=args.overwrite)
     if not args.quiet:
@@ -79,6 +84,12 @@ def info_dict(model: Any) -> dict[str, Any]:
         "norms": recursion.norms,
         "family": model.arch.family,
         "source": model.source.spec,
+        "shared_init": recursion.shared_init,
+        "calib": recursion.calib,
+        "calib_tokens": recursion.calib_tokens,
+        "lora_params": recursion.lora_params,
+        "layer_ranks": recursion.layer_ranks,
+        "report": model.report,
     }
 
 
@@ -98,12 +109,18 @@ def format_info(info: dict[str, Any]) -> str:
         f"source      {info['source']} ({info['family']})",
         f"recursion   {info['loops']} loops x {info['unique_layers']} unique layers = {info['depths']} depths, "
         f"strategy {info['strategy']}, init {info['init']}",
-        f"relaxation  rank {info['rank']}{rank_note}, {info['lora_init']} init, norms {info['norms']}",
+        f"relaxation  rank {info['rank']}{rank_note}, {info['lora_init']} init, norms {info['norms']}, shared {info['shared_init']}",
         "",
         f"{'parameters':<15}{'count':>14}{'millions':>10}",
     ]
     lines += [f"{name:<15}{count:>14,}{count / 1e6:>10.2f}" for name, count in rows]
     lines.append(f"{'ratio':<15}{params['ratio']:>14.3f}")
+    errors = info.get("report", {}).get("relative_error")
+    if errors:
+        lines += ["", f"relative reconstruction error on {info['calib_tokens']} calibration tokens ({info['calib']}), %:"]
+        lines.append("depth " + "".join(f"{name:>8}" for name in errors))
+        for depth in range(info["depths"]):
+            lines.append(f"{depth:>5} " + "".join(f"{100 * errors[name][depth]:>8.2f}" for name in errors))
     return "\n".join(lines)
 
 
@@ -136,6 +153,191 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print()
 
 
+def _count(value: str) -> int:
+    from recursify.data import parse_count
+
+    try:
+        return parse_count(value)
+    except RecursifyError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+
+
+def _count_or_zero(value: str) -> int:
+    return 0 if value.strip() == "0" else _count(value)
+
+
+def cmd_uptrain(args: argparse.Namespace) -> None:
+    """Uptrain a converted model: KD from the original (online teacher), early-exit losses, resumable."""
+    from recursify.training.config import UptrainConfig
+    from recursify.training.losses import LossConfig
+    from recursify.training.uptrain import default_teacher, uptrain
+
+    teacher = None if args.no_teacher else (args.teacher or default_teacher(args.student))
+    kd_weight = args.kd_weight if args.kd_weight is not None else (1.0 if teacher else 0.0)
+    loss = LossConfig(args.kd, kd_weight, args.temperature, args.exit_loss, args.self_distill)
+    fields = ["tokens", "seq_len", "batch_tokens", "micro_batch", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "clip"]
+    fields += ["exit_ensemble", "precision", "gradient_checkpointing", "save_every", "eval_every", "eval_tokens", "seed"]
+    options = {name: getattr(args, name) for name in fields}
+    config = UptrainConfig(args.student, args.out, teacher, args.data, loss=loss, freeze=args.freeze or [], **options)
+    config.resume, config.overwrite, config.quiet = args.resume, args.overwrite, args.quiet
+    quiet_transformers()
+    summary = uptrain(config)
+    print(json.dumps(summary, indent=2))
+    print(f"saved to {args.out}")
+
+
+def cmd_plot(args: argparse.Namespace) -> None:
+    """Draw the loss curves (per exit) of an uptrain run to a PNG."""
+    from recursify.training.plot import plot_run
+
+    print(f"wrote {plot_run(args.run, args.out)}")
+
+
+def _add_training_commands(sub: Any) -> None:
+    from recursify.training.losses import KD_KINDS
+
+    up = sub.add_parser("uptrain", help="uptrain (KD, early exits) a converted model", description=cmd_uptrain.__doc__)
+    up.add_argument("student", help="checkpoint directory written by 'recursify convert' (or a previous uptrain)")
+    up.add_argument("--teacher", help="KD teacher, run with loops=1 (default: the model the student was converted from)")
+    up.add_argument("--no-teacher", action="store_true", help="train on cross-entropy only (needs --data)")
+    up.add_argument("--data", help="file, directory, teacher:N, hf:NAME[:CONFIG] (default: teacher:<--tokens>)")
+    up.add_argument("--tokens", type=_count, default=1_000_000, help="training tokens, e.g. 2M (default: 1M)")
+    up.add_argument("--seq-len", type=_positive_int, default=512, help="tokens per row (default: 512)")
+    up.add_argument("--batch-tokens", type=_count, default=16_384, help="tokens per optimizer step (default: 16384)")
+    up.add_argument("--micro-batch", type=_positive_int, default=4, help="rows per forward; gradients accumulate (default: 4)")
+    up.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default: 2e-4)")
+    up.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine floor as a fraction of --lr (default: 0.1)")
+    up.add_argument("--warmup-steps", type=int, default=None, help="linear warmup steps (default: 5%% of the steps)")
+    up.add_argument("--weight-decay", type=float, default=0.0, help="AdamW decay on weight matrices (default: 0)")
+    up.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping, 0 = off (default: 1.0)")
+    up.add_argument("--kd", choices=KD_KINDS, default="forward-kl", help="KD divergence (default: forward-kl)")
+    up.add_argument("--kd-weight", type=float, default=None, help="w in (1-w) CE + w KD (default: 1 with a teacher, else 0)")
+    up.add_argument("--temperature", type=float, default=1.0, help="KD softmax temperature (default: 1)")
+    up.add_argument("--exit-loss", default="none", help="none | weighted | aggressive:C (default: none)")
+    up.add_argument("--self-distill", action="store_true", help="earlier exits also learn from the final exit")
+    up.add_argument("--exit-ensemble", action="store_true", help="learn weights combining exits 1..b at exit b")
+    up.add_argument("--freeze", action="append", metavar="PATTERN", help="freeze matching parameters; '!PATTERN' keeps them (repeat)")
+    up.add_argument(
+        "--precision", choices=("auto", "bf16", "fp32"), default="auto", help="auto = bf16 where the hardware has it, else fp32"
+    )
+    up.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations to save memory")
+    up.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps, 0 = end only (default: 200)")
+    up.add_argument("--eval-every", type=int, default=0, help="held-out evaluation every N steps (default: start and end)")
+    up.add_argument("--eval-tokens", type=_count_or_zero, default=16_384, help="held-out tokens per evaluation, 0 = none (default: 16384)")
+    up.add_argument("--seed", type=int, default=0, help="data order and teacher-corpus seed (default: 0)")
+    up.add_argument("--out", required=True, help="output checkpoint directory (training state in OUT/training)")
+    up.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    up.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    up.add_argument("--quiet", action="store_true", help="no progress bar")
+    up.set_defaults(func=cmd_uptrain)
+
+    plot = sub.add_parser("plot", help="draw an uptrain run's loss curves to PNG", description=cmd_plot.__doc__)
+    plot.add_argument("run", help="uptrain output directory (holds metrics.jsonl)")
+    plot.add_argument("--out", help="PNG path (default: RUN/loss.png)")
+    plot.set_defaults(func=cmd_plot)
+
+
+def _eval_options(args: argparse.Namespace, per_loop: bool) -> Any:
+    from recursify.evaluation.evaluate import EvalOptions
+
+    return EvalOptions(
+        ppl_data=args.ppl,
+        split=args.split,
+        max_tokens=args.max_tokens,
+        ctx=args.ctx,
+        stride=args.stride,
+        per_loop=per_loop,
+        tasks=args.tasks or [],
+        shots=args.shots,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        precision=args.precision,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
+
+
+def _write_report(destination: str | None, payload: Any) -> None:
+    from recursify.evaluation.report import write_json
+
+    if destination == "-":
+        print(json.dumps(payload, indent=2))
+    elif destination:
+        write_json(destination, payload)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    """Measure perplexity (with per-loop exits and a teacher) and few-shot multiple-choice accuracy."""
+    from recursify.evaluation.evaluate import evaluate_model
+    from recursify.evaluation.report import format_markdown
+
+    if args.ppl is None and not args.tasks:
+        raise ConfigError("nothing to evaluate: pass --ppl DATA and/or --tasks TASK ...")
+    if args.quiet:
+        quiet_transformers()
+    teacher = open_model(args.teacher) if args.teacher else None
+    report = evaluate_model(open_model(args.path), args.path, _eval_options(args, args.per_loop), teacher)
+    _write_report(args.json, report.to_dict())
+    if args.json != "-":
+        print(format_markdown(report))
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    """Evaluate several models on the same data and tasks; table, JSON, Pareto and exit plots."""
+    from recursify.evaluation.evaluate import evaluate_model
+    from recursify.evaluation.plots import exit_plot, pareto_plot
+    from recursify.evaluation.report import format_comparison
+
+    if args.ppl is None and not args.tasks:
+        raise ConfigError("nothing to compare: pass --ppl DATA and/or --tasks TASK ...")
+    if args.exit_plot and args.ppl is None:
+        raise ConfigError("--exit-plot needs per-loop perplexities: pass --ppl DATA")
+    if args.quiet:
+        quiet_transformers()
+    teacher = open_model(args.teacher) if args.teacher else None
+    options = _eval_options(args, per_loop=args.ppl is not None)
+    reports = [evaluate_model(open_model(path), path, options, teacher) for path in args.paths]
+    if args.plot:
+        pareto_plot(reports, args.plot, args.metric or ("ppl" if args.ppl is not None else "acc"))
+    if args.exit_plot:
+        exit_plot(reports, args.exit_plot)
+    _write_report(args.json, {"models": [report.to_dict() for report in reports]})
+    if args.json != "-":
+        print(format_comparison(reports))
+
+
+def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--ppl",
+        metavar="DATA",
+        help="perplexity on a --data source (text/jsonl/parquet file or directory, teacher:N, hf:NAME); "
+        "uses its held-out split by default (see --split)",
+    )
+    parser.add_argument("--split", choices=("heldout", "train"), default="heldout", help="split of --ppl data (default: heldout)")
+    parser.add_argument("--max-tokens", type=_count, default=None, help="evaluate at most this many tokens (e.g. 50k)")
+    parser.add_argument("--ctx", type=_positive_int, default=512, help="sliding-window length in tokens (default: 512)")
+    parser.add_argument(
+        "--stride", type=_positive_int, default=None, help="tokens scored per window after the first; <= ctx (default: ctx)"
+    )
+    parser.add_argument(
+        "--teacher", help="reference model (checkpoint or source, e.g. smollm2-135m): adds KL and agreement per loop; implies --per-loop"
+    )
+    parser.add_argument(
+        "--tasks",
+        nargs="+",
+        metavar="TASK",
+        help="BIG-bench-format task.json paths or globs, or bigbench:NAME fetched from PyPI once "
+        "(e.g. bigbench:general_knowledge bigbench:hindu_knowledge bigbench:logical_deduction/three_objects)",
+    )
+    parser.add_argument("--shots", type=int, default=0, help="few-shot examples per prompt (default: 0)")
+    parser.add_argument("--limit", type=_positive_int, default=None, help="score only the first N questions of each task")
+    parser.add_argument("--batch-size", type=_positive_int, default=4, help="windows / continuations per forward pass (default: 4)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16 autocast is ~2x faster on CPU (default: fp32)")
+    parser.add_argument("--seed", type=int, default=0, help="data order and few-shot sampling (default: 0)")
+    parser.add_argument("--json", metavar="OUT", help="write the JSON report to OUT ('-' = stdout instead of the table)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recursify", description="Turn a pretrained decoder LLM into a (Relaxed) Recursive Transformer.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
@@ -155,7 +357,16 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument(
         "--norms", choices=NORM_MODES, default="per-depth", help="RMSNorm gains: per-depth (exact at full rank), tied, fold"
     )
-    convert.add_argument("--lora-init", choices=("svd", "zero"), default="svd", help="LoRA init: residual SVD or standard (default: svd)")
+    convert.add_argument(
+        "--lora-init", choices=LORA_INITS, default="svd", help="LoRA init: residual SVD, activation-aware SVD (needs --calib) or standard"
+    )
+    convert.add_argument(
+        "--shared-init", choices=SHARED_FITS, default="init", help="shared weights: the --init rule, or lsq (needs --calib)"
+    )
+    convert.add_argument("--calib", default=None, help="calibration data for asvd/lsq/--lora-params (e.g. teacher:16k, a .txt/.jsonl file)")
+    convert.add_argument("--calib-tokens", type=_positive_int, default=16384, help="calibration tokens (default: 16384)")
+    convert.add_argument("--lora-params", default=None, help="LoRA parameter budget (e.g. 8M) instead of --rank: ranks chosen per layer")
+    convert.add_argument("--lsq-rounds", type=_positive_int, default=2, help="lsq / asvd alternation rounds (default: 2)")
     convert.add_argument("--seed", type=int, default=0, help="seed for random init (default: 0)")
     convert.add_argument("--out", required=True, help="output directory")
     convert.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -181,7 +392,110 @@ def build_parser() -> argparse.ArgumentParser:
     )
     generate.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step instead of the KV cache")
     generate.set_defaults(func=cmd_generate)
+
+    evaluate = sub.add_parser("eval", help="perplexity, per-loop exits and multiple-choice accuracy", description=cmd_eval.__doc__)
+    evaluate.add_argument("path", help="checkpoint directory, or any --model source (run as the original, loops=1)")
+    evaluate.add_argument("--per-loop", action="store_true", help="with --ppl: perplexity and agreement after every loop, oracle exits")
+    _add_eval_arguments(evaluate)
+    evaluate.set_defaults(func=cmd_eval)
+
+    compare = sub.add_parser("compare", help="evaluate several models side by side, plot size vs quality", description=cmd_compare.__doc__)
+    compare.add_argument("paths", nargs="+", help="checkpoint directories or sources (sources run as originals: the reference line)")
+    compare.add_argument("--plot", metavar="PNG", help="Pareto plot: non-embedding parameters vs --metric")
+    compare.add_argument("--exit-plot", metavar="PNG", help="per-loop exit perplexity and agreement with the final loop")
+    compare.add_argument("--metric", choices=("ppl", "acc"), default=None, help="y axis of --plot (default: ppl with --ppl, else acc)")
+    _add_eval_arguments(compare)
+    compare.set_defaults(func=cmd_compare)
+    _add_training_commands(sub)
+    _add_serving_commands(sub)
     return parser
+
+
+def _serve_data(args: argparse.Namespace, model: Any) -> Any:
+    from recursify.data import load_tokens
+    from recursify.text import require_tokenizer
+
+    return load_tokens(args.data, require_tokenizer(model), split="heldout", max_tokens=args.max_tokens)
+
+
+def _lengths(value: str) -> tuple[int, int]:
+    low, _, high = value.partition(",")
+    if not (low.isdigit() and high.isdigit()) or not 0 < int(low) <= int(high):
+        raise argparse.ArgumentTypeError(f"expected MIN,MAX with 0 < MIN <= MAX, got {value!r}")
+    return int(low), int(high)
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> None:
+    """Measure serving throughput and latency: vanilla static/sequence vs recursive sequence/depth-wise (+ early exit)."""
+    from recursify.serving.benchmark import bench_serve, make_workload
+    from recursify.serving.simulate import simulate
+    from recursify.text import require_tokenizer
+
+    model, baseline = open_model(args.run), open_model(args.baseline)
+    workload = make_workload(require_tokenizer(model), args.requests, args.arrival, args.seed, args.prompt_tokens, args.new_tokens)
+    report = bench_serve(model, baseline, workload, args.exit, args.max_batch, args.precision, args.run, args.baseline)
+    if args.data:
+        from recursify.serving.exit_policy import parse_exit_policy
+
+        sim = simulate(model, _serve_data(args, model), parse_exit_policy(args.exit, model.loops), workload.max_new_tokens, args.max_batch)
+        row5 = "5 recursive depthwise+exit"
+        sim["measured"] = {"5 vs static": report["ratios"]["vs_static"][row5], "5 vs sequence": report["ratios"]["vs_sequence"][row5]}
+        report["simulated"] = sim
+    print(report.pop("table"))
+    if "simulated" in report:
+        sim = report["simulated"]
+        print(f"simulated (paper's method): depthwise+oracle {sim['vs_static']['depthwise+oracle']:.2f}x static, "
+              f"{sim['vs_sequence']['depthwise+oracle']:.2f}x sequence; measured row 5: "
+              f"{report['ratios']['vs_static']['5 recursive depthwise+exit']:.2f}x static")  # fmt: skip
+    if args.json:
+        _write_report(args.json, report)
+
+
+def cmd_simulate(args: argparse.Namespace) -> None:
+    """The paper's hypothetical throughput: measured step costs x oracle/confidence exit trajectories on --data."""
+    from recursify.serving.exit_policy import parse_exit_policy
+    from recursify.serving.simulate import simulate
+
+    model = open_model(args.run)
+    lengths = [args.new_tokens] * args.requests
+    report = simulate(model, _serve_data(args, model), parse_exit_policy(args.exit, model.loops), lengths, args.max_batch)
+    print(f"{'policy':<24}{'tokens/s':>10}{'x static':>10}{'x sequence':>12}")
+    for name, value in report["tokens_per_s"].items():
+        print(f"{name:<24}{value:>10.1f}{report['vs_static'][name]:>10.2f}{report['vs_sequence'][name]:>12.2f}")
+    print(f"mean loops per token: oracle {report['mean_oracle_loops']:.2f} of {model.loops} over {report['positions']} held-out positions")
+    if args.json:
+        _write_report(args.json, report)
+
+
+def _add_serving_commands(sub: Any) -> None:
+    bench = sub.add_parser("bench-serve", help="measure serving throughput against the vanilla model", description=cmd_bench_serve.__doc__)
+    bench.add_argument("run", help="recursive checkpoint directory")
+    bench.add_argument("--baseline", default=DEFAULT_MODEL, help=f"the original model, run with loops=1 (default: {DEFAULT_MODEL})")
+    bench.add_argument("--requests", type=_positive_int, default=64, help="requests in the workload (default: 64)")
+    bench.add_argument("--arrival", default="all", help="'all' at once or 'poisson:RATE' requests/s (default: all)")
+    bench.add_argument("--prompt-tokens", type=_lengths, default=(8, 48), help="prompt length range MIN,MAX (default: 8,48)")
+    bench.add_argument("--new-tokens", type=_lengths, default=(16, 32), help="output length range MIN,MAX (default: 16,32)")
+    bench.add_argument("--data", help="held-out text for the simulated comparison (file, directory, hf:NAME); omitted: no simulation")
+    bench.add_argument("--max-tokens", type=_positive_int, default=4096, help="held-out tokens for --data trajectories (default: 4096)")
+    _add_engine_arguments(bench)
+    bench.set_defaults(func=cmd_bench_serve)
+
+    sim = sub.add_parser("simulate", help="the paper's hypothetical depth-wise batching throughput", description=cmd_simulate.__doc__)
+    sim.add_argument("run", help="recursive checkpoint directory")
+    sim.add_argument("--data", required=True, help="held-out text for exit trajectories (file, directory, hf:NAME)")
+    sim.add_argument("--max-tokens", type=_positive_int, default=4096, help="held-out tokens (default: 4096)")
+    sim.add_argument("--requests", type=_positive_int, default=64, help="simulated requests (default: 64)")
+    sim.add_argument("--new-tokens", type=_positive_int, default=32, help="tokens per simulated request (default: 32)")
+    _add_engine_arguments(sim)
+    sim.set_defaults(func=cmd_simulate)
+
+
+def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--exit", default="confidence:0.9", help="none | confidence:TAU[,..] | fixed:B | oracle (default: confidence:0.9)")
+    parser.add_argument("--max-batch", type=_positive_int, default=32, help="requests per step (default: 32)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16 autocast is ~2x faster on CPU (default: fp32)")
+    parser.add_argument("--seed", type=int, default=0, help="workload seed (default: 0)")
+    parser.add_argument("--json", metavar="OUT", help="write the JSON report to OUT ('-' = stdout)")
 
 
 def _version() -> str:

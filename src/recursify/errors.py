@@ -24,3 +24,11 @@ class UnsupportedModelError(RecursifyError):
 
 class CheckpointError(RecursifyError):
     """A recursify checkpoint directory is missing, incomplete or corrupt, or would be overwritten."""
+
+
+class DataError(RecursifyError):
+    """A ``--data`` source cannot be read (missing file, wrong format, unknown dataset, empty split)."""
+
+
+class TrainingError(RecursifyError):
+    """Training cannot continue (e.g. the loss became non-finite); the last good checkpoint is kept."""

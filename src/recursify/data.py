@@ -1,0 +1,419 @@
+"""Text for training and evaluation: document sources, a stable held-out split, tokenisation, packing.
+
+A ``--data`` spec is one of:
+
+- a local file: ``.txt`` (split at blank lines into paragraphs; consecutive paragraphs are grouped
+  into documents of at least ``TXT_DOC_CHARS`` characters, so one long book still has enough
+  documents for a held-out split), ``.jsonl`` (one JSON object per line with a ``text`` field) or
+  ``.parquet`` (a ``text`` column);
+- a directory: every such file below it, recursively, in sorted path order;
+- ``teacher:N`` (N tokens, suffixes k/M/G allowed): a corpus sampled from the teacher model itself at
+  temperature 1 from short seed phrases, generated once and cached under
+  ``cache_root()/data/`` keyed by the teacher's weights, N, the split and the seed;
+- ``hf:NAME[:CONFIG]`` or a hub id ``owner/name[:config]``: a Hugging Face dataset, streamed.
+
+Splits: a document belongs to ``heldout`` when a hash of its text falls in one of ``HELDOUT_BUCKETS``
+buckets (~5%), independently of the seed, the order and the file layout, so no training run ever sees a
+held-out document. ``teacher:N`` has no documents to hash: its held-out split is a separately seeded
+generation of ceil(N / HELDOUT_BUCKETS) tokens, but at least min(N, MIN_HELDOUT_TOKENS) so that an
+evaluation on it is not dominated by noise.
+
+Order: local documents of a split are shuffled by ``seed``; hub datasets use a seeded shuffle buffer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from recursify.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from recursify.modeling.model import RecursiveModel
+
+SPLITS = ("train", "heldout")
+HELDOUT_BUCKETS = 20
+TXT_DOC_CHARS = 2000
+MIN_HELDOUT_TOKENS = 4096
+FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
+TEACHER_PREFIX = "teacher:"
+HUB_PREFIX = "hf:"
+# Short, topic-diverse openings; temperature-1 sampling does the rest.
+SEED_PHRASES = (
+    "The",
+    "In",
+    "Once upon a time",
+    "A",
+    "It was",
+    "Scientists",
+    "The history of",
+    "How to",
+    "Dear",
+    "When",
+    "If you",
+    "Today",
+    "One of the",
+    "There are",
+    "My",
+    "This",
+    "We",
+    "According to",
+    "Why",
+    "The first",
+    "After",
+    "In the year",
+    "Chapter",
+    "Many people",
+    "Recent",
+    "What is",
+    "Here is",
+    "I think",
+    "Water",
+    "The city",
+    "Music",
+    "During",
+    "Learning",
+    "Every",
+    "Although",
+    "She",
+    "He",
+    "They",
+    "Our",
+    "def ",
+    "Q:",
+    "1.",
+)
+_COUNT = re.compile(r"^(\d+(?:\.\d+)?)([kKmMgG]?)$")
+_MULTIPLIERS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?$")
+_TOKENIZE_BATCH = 64
+
+
+def parse_count(text: str) -> int:
+    """``"2M"`` -> 2_000_000, ``"16k"`` -> 16_000, ``"512"`` -> 512 (decimal multipliers)."""
+    match = _COUNT.match(text.strip())
+    if not match:
+        raise ConfigError(f"expected a positive count like 512, 16k or 2M, got {text!r}")
+    value = float(match.group(1)) * _MULTIPLIERS[match.group(2).lower()]
+    if value < 1 or value != int(value):
+        raise ConfigError(f"expected a positive whole count like 512, 16k or 2M, got {text!r}")
+    return int(value)
+
+
+def is_heldout(text: str) -> bool:
+    """Whether a document belongs to the held-out split: a stable hash of its text, ~5% of documents."""
+    digest = hashlib.sha256(text.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "little") % HELDOUT_BUCKETS == 0
+
+
+def read_documents(spec: str, split: str = "train", seed: int = 0, teacher: RecursiveModel | None = None) -> Iterator[str]:
+    """The documents (strings) of one split of a ``--data`` source, in a deterministic seeded order.
+
+    Args:
+        spec: file, directory, ``teacher:N``, ``hf:NAME[:CONFIG]`` or hub id (see the module doc).
+        split: ``"train"`` or ``"heldout"``; the two never share a document.
+        seed: order of local documents, shuffle buffer of hub datasets, sampling of ``teacher:N``.
+        teacher: the model that samples ``teacher:N`` (its tokenizer decodes the samples).
+
+    Raises:
+        DataError: the spec names nothing readable; raised here, before iteration starts.
+    """
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
+    if spec.startswith(TEACHER_PREFIX):
+        return iter(teacher_documents(teacher, _teacher_count(spec), split, seed))
+    path = Path(spec).expanduser()
+    if path.exists():
+        files = _data_files(path)
+        return _local_documents(files, split, seed)
+    if spec.startswith(HUB_PREFIX) or (_HUB_ID.match(spec) and not spec.endswith(FILE_SUFFIXES)):
+        return _hub_documents(spec.removeprefix(HUB_PREFIX), split, seed)
+    raise DataError(
+        f"--data {spec!r} is not an existing file or directory, 'teacher:N' (e.g. teacher:2M) or a Hugging Face "
+        "dataset ('hf:NAME[:CONFIG]' or 'owner/name'); check the path"
+    )
+
+
+def load_tokens(
+    spec: str,
+    tokenizer: Any,
+    split: str = "train",
+    max_tokens: int | None = None,
+    seed: int = 0,
+    teacher: RecursiveModel | None = None,
+) -> torch.Tensor:
+    """The split's documents tokenised with ``tokenizer`` and joined with EOS: 1-D int64.
+
+    Each document is followed by the tokenizer's EOS token; the result is cut at ``max_tokens``
+    (documents are read only as far as needed).
+    """
+    if max_tokens is not None and max_tokens < 1:
+        raise ConfigError(f"max_tokens must be positive, got {max_tokens}")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DataError("the tokenizer has no EOS token to separate documents; use a model whose tokenizer defines one")
+    ids: list[int] = []
+    for batch in _batches(read_documents(spec, split, seed, teacher), _TOKENIZE_BATCH):
+        for doc_ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
+            ids.extend(doc_ids)
+            ids.append(eos)
+        if max_tokens is not None and len(ids) >= max_tokens:
+            break
+    if not ids:
+        raise DataError(f"--data {spec!r} has no {split} documents; give more text (about 5% of documents are held out)")
+    return torch.tensor(ids[:max_tokens], dtype=torch.long)
+
+
+def pack(tokens: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Cut a 1-D token stream into rows [num_sequences, seq_len], dropping the remainder."""
+    if seq_len < 1:
+        raise ConfigError(f"seq_len must be positive, got {seq_len}")
+    rows = tokens.numel() // seq_len
+    return tokens[: rows * seq_len].reshape(rows, seq_len)
+
+
+def teacher_documents(teacher: RecursiveModel | None, num_tokens: int, split: str, seed: int, progress: bool = True) -> list[str]:
+    """The cached ``teacher:N`` corpus of one split, generated on first use.
+
+    The train split holds ``num_tokens`` sampled tokens; the held-out split is an independent
+    generation (different seed stream) of ceil(num_tokens / HELDOUT_BUCKETS) tokens, at least
+    min(num_tokens, MIN_HELDOUT_TOKENS).
+    """
+    if teacher is None:
+        raise DataError("--data teacher:N samples text from the teacher model; pass --teacher (or teacher=) as well")
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
+    target = num_tokens if split == "train" else max(math.ceil(num_tokens / HELDOUT_BUCKETS), min(num_tokens, MIN_HELDOUT_TOKENS))
+    path = teacher_cache_path(teacher, num_tokens, split, seed)
+    if path.is_file():
+        return [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines()]
+    docs = sample_corpus(teacher, target, _derived_seed(split, seed), progress=progress)
+    _write_jsonl_atomic(path, docs)
+    return docs
+
+
+def teacher_cache_path(teacher: RecursiveModel, num_tokens: int, split: str, seed: int) -> Path:
+    """Where a ``teacher:N`` split is cached: one directory per teacher fingerprint."""
+    from recursify.sources import cache_root
+
+    return cache_root() / "data" / f"teacher-{model_fingerprint(teacher)}" / f"{split}-n{num_tokens}-seed{seed}.jsonl"
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A cheap identity of a model's weights: architecture plus a strided sample of every tensor."""
+    digest = hashlib.sha256()
+    for attr in ("arch", "recursion"):
+        if hasattr(model, attr):
+            digest.update(json.dumps(asdict(getattr(model, attr)), sort_keys=True, default=str).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 4096)].float().cpu()
+        digest.update(f"{name}{tuple(tensor.shape)}".encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def sample_corpus(
+    model: RecursiveModel,
+    num_tokens: int,
+    seed: int,
+    batch_size: int = 32,
+    max_new_tokens: int = 256,
+    precision: str = "fp32",
+    progress: bool = True,
+) -> list[str]:
+    """Documents sampled from ``model`` at temperature 1 until they hold ``num_tokens`` tokens.
+
+    Each row starts from a seed phrase drawn from ``SEED_PHRASES`` and samples ``max_new_tokens``
+    tokens without stopping at EOS: an EOS ends one document and the model goes on writing the next
+    one (as in packed pretraining data), so no decode step is wasted on finished rows. The last
+    batch is shortened so the corpus barely overshoots. fp32 by default: one-token decode steps are
+    dominated by autocast's per-step weight casts, which made bf16 sampling ~2.5x slower on CPU.
+    """
+    from tqdm.auto import tqdm
+
+    from recursify.modeling.generation import SamplingConfig
+    from recursify.text import encode_prompts, precision_context, require_tokenizer
+
+    tokenizer = require_tokenizer(model)
+    eos = set(model.arch.eos_token_ids) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+    rng = random.Random(seed)
+    docs: list[str] = []
+    produced = 0
+    was_training = model.training
+    model.eval()
+    with tqdm(total=num_tokens, unit="tok", desc="sampling teacher corpus", disable=not progress) as bar:
+        while produced < num_tokens:
+            prompts = [rng.choice(SEED_PHRASES) for _ in range(batch_size)]
+            input_ids, mask = encode_prompts(tokenizer, prompts)
+            new_tokens = min(max_new_tokens, math.ceil((num_tokens - produced) / batch_size))
+            sampling = SamplingConfig(temperature=1.0, seed=rng.randrange(2**63))
+            with torch.no_grad(), precision_context(precision, model.device):
+                generated = model.generate(input_ids, attention_mask=mask, max_new_tokens=new_tokens, sampling=sampling, eos_token_ids=[])
+            for prompt_ids, prompt_mask, row in zip(
+                input_ids.tolist(), mask.tolist(), generated[:, input_ids.shape[1] :].tolist(), strict=True
+            ):
+                prompt = [t for t, m in zip(prompt_ids, prompt_mask, strict=True) if m]
+                pieces = _split_at(row, eos)
+                pieces[0] = prompt + pieces[0]
+                docs.extend(text for text in (tokenizer.decode(p, skip_special_tokens=True) for p in pieces) if text.strip())
+                produced += sum(map(len, pieces)) - len(prompt)
+            bar.update(new_tokens * batch_size)
+    model.train(was_training)
+    return docs
+
+
+def _split_at(row: list[int], separators: set[int]) -> list[list[int]]:
+    """Split a token row at separator tokens (dropped); always at least one (possibly empty) piece."""
+    pieces: list[list[int]] = [[]]
+    for token in row:
+        if token in separators:
+            pieces.append([])
+        else:
+            pieces[-1].append(token)
+    return pieces
+
+
+def _teacher_count(spec: str) -> int:
+    try:
+        return parse_count(spec.removeprefix(TEACHER_PREFIX))
+    except ConfigError as err:
+        raise DataError(f"--data {spec!r}: {err} (e.g. teacher:2M)") from err
+
+
+def _derived_seed(split: str, seed: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{split}:{seed}".encode()).digest()[:8], "little")
+
+
+def _write_jsonl_atomic(path: Path, docs: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            for doc in docs:
+                fh.write(json.dumps({"text": doc}) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _data_files(path: Path) -> list[Path]:
+    if path.is_file():
+        if path.suffix not in FILE_SUFFIXES:
+            raise DataError(f"{path} has an unsupported extension; use one of {', '.join(FILE_SUFFIXES)} or a directory of them")
+        return [path]
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in FILE_SUFFIXES)
+    if not files:
+        raise DataError(f"directory {path} holds no {', '.join(FILE_SUFFIXES)} files")
+    return files
+
+
+def _local_documents(files: list[Path], split: str, seed: int) -> Iterator[str]:
+    docs = [doc for file in files for doc in _file_documents(file) if is_heldout(doc) == (split == "heldout")]
+    random.Random(seed).shuffle(docs)
+    return iter(docs)
+
+
+def _file_documents(path: Path) -> Iterator[str]:
+    if path.suffix == ".txt":
+        return _txt_documents(path)
+    if path.suffix == ".jsonl":
+        return _jsonl_documents(path)
+    return _parquet_documents(path)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path} is not UTF-8 text ({err}); re-encode it as UTF-8") from err
+
+
+def _txt_documents(path: Path) -> Iterator[str]:
+    group: list[str] = []
+    size = 0
+    for paragraph in re.split(r"\n\s*\n", _read_text(path)):
+        paragraph = paragraph.strip()
+        if not paragraph:
+            continue
+        group.append(paragraph)
+        size += len(paragraph)
+        if size >= TXT_DOC_CHARS:
+            yield "\n\n".join(group)
+            group, size = [], 0
+    if group:
+        yield "\n\n".join(group)
+
+
+def _jsonl_documents(path: Path) -> Iterator[str]:
+    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as err:
+            raise DataError(f"{path}:{number} is not valid JSON ({err}); each line must be an object with a 'text' field") from err
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise DataError(f'{path}:{number} has no string \'text\' field; each line must look like {{"text": "..."}}')
+        if record["text"]:
+            yield record["text"]
+
+
+def _parquet_documents(path: Path) -> Iterator[str]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as err:
+        raise DataError(f"reading {path} needs pyarrow: pip install pyarrow") from err
+    try:
+        parquet = pq.ParquetFile(path)
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path} is not a readable parquet file ({err})") from err
+    if "text" not in parquet.schema_arrow.names:
+        raise DataError(f"{path} has no 'text' column (columns: {', '.join(parquet.schema_arrow.names)})")
+    for batch in parquet.iter_batches(columns=["text"]):
+        yield from (text for text in batch.column(0).to_pylist() if text)
+
+
+def _hub_documents(name: str, split: str, seed: int) -> Iterator[str]:
+    try:
+        import datasets
+    except ImportError as err:
+        raise DataError(f"reading the Hugging Face dataset {name!r} needs the 'datasets' package: pip install datasets") from err
+    dataset_name, _, config = name.partition(":")
+    try:
+        stream = datasets.load_dataset(dataset_name, config or None, split="train", streaming=True)
+    except Exception as err:  # the hub raises many unrelated types (HTTP, FileNotFound, ValueError, ...)
+        raise DataError(f"could not open Hugging Face dataset {name!r} ({err}); check the name and network access") from err
+    return _hub_texts(stream.shuffle(seed=seed, buffer_size=10_000), name, split)
+
+
+def _hub_texts(stream: Iterable[dict[str, Any]], name: str, split: str) -> Iterator[str]:
+    for row in stream:
+        text = row.get("text")
+        if not isinstance(text, str):
+            raise DataError(f"Hugging Face dataset {name!r} has no string 'text' field (fields: {', '.join(row)})")
+        if text and is_heldout(text) == (split == "heldout"):
+            yield text
+
+
+def _batches(items: Iterable[str], size: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
