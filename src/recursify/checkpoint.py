@@ -61,6 +61,7 @@ def save_pretrained(model: RecursiveModel, directory: str | os.PathLike[str], ov
             "recursion": dataclasses.asdict(model.recursion),
             "source": dataclasses.asdict(model.source),
             "params": model.param_counts(),
+            "report": model.report,
         }
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str))
         tensors = {name: t.detach().contiguous() for name, t in model.state_dict().items()}
@@ -129,6 +130,7 @@ def load(directory: str | os.PathLike[str], device: str | torch.device = "cpu") 
     except RuntimeError as err:
         first_line = str(err).splitlines()[0]
         raise CheckpointError(f"{weights} does not match its config.json ({first_line}); re-create the checkpoint") from err
+    model.report = config.get("report", {})
     model.tokenizer = _load_tokenizer(path)
     return model.to(device).eval()
 

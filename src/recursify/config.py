@@ -19,7 +19,8 @@ LayerType = Literal["full_attention", "sliding_attention"]
 
 STRATEGIES: tuple[str, ...] = ("cycle", "sequence", "cycle-rev", "middle-cycle")
 SHARED_INITS: tuple[str, ...] = ("stepwise", "average", "lower", "random")
-LORA_INITS: tuple[str, ...] = ("svd", "zero")
+LORA_INITS: tuple[str, ...] = ("svd", "asvd", "zero")
+SHARED_FITS: tuple[str, ...] = ("init", "lsq")
 NORM_MODES: tuple[str, ...] = ("per-depth", "tied", "fold")
 LINEARS: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
 
@@ -91,11 +92,18 @@ class RecursionConfig:
         strategy: which shared layer serves each depth (METHOD.md section 1).
         init: how shared weights are initialised from the original layers.
         ranks: LoRA rank per linear kind (q, k, v, o, gate, up, down); 0 = no LoRA (pure recursive).
-        lora_init: "svd" (truncated SVD of each depth's residual) or "zero" (standard LoRA init).
+        lora_init: "svd" (truncated SVD of each depth's residual), "asvd" (activation-aware SVD on
+            calibration data) or "zero" (standard LoRA init).
         norms: "per-depth" keeps each depth's norm gains (exact at full rank, the default),
             "tied" ties them like the weights (the paper), "fold" absorbs pre-norm gains into the
             linears they feed before tying and keeps unfoldable norms per depth.
         rank_spec: the rank as the user gave it ("full" or an int), kept for reports.
+        shared_init: "init" keeps the ``init`` rule's shared weights; "lsq" refits them as the
+            activation-weighted least-squares centroid, alternated with asvd for ``lsq_rounds``.
+        layer_ranks: per "layer.linear" rank overriding ``ranks`` (set by a LoRA parameter budget).
+        calib: the calibration data spec used by asvd / lsq / the budget ("" = none).
+        calib_tokens: calibration tokens actually used.
+        lora_params: the LoRA parameter budget that chose ``layer_ranks`` (0 = none).
     """
 
     loops: int = 1
@@ -106,12 +114,19 @@ class RecursionConfig:
     norms: str = "per-depth"
     rank_spec: int | str = 0
     seed: int = 0
+    shared_init: str = "init"
+    lsq_rounds: int = 2
+    layer_ranks: dict[str, int] = field(default_factory=dict)
+    calib: str = ""
+    calib_tokens: int = 0
+    lora_params: int = 0
 
     def __post_init__(self) -> None:
         _check_choice("strategy", self.strategy, STRATEGIES)
         _check_choice("init", self.init, SHARED_INITS)
         _check_choice("lora_init", self.lora_init, LORA_INITS)
         _check_choice("norms", self.norms, NORM_MODES)
+        _check_choice("shared_init", self.shared_init, SHARED_FITS)
         if not isinstance(self.loops, int) or self.loops < 1:
             raise ConfigError(f"loops must be a positive integer, got {self.loops!r}")
         for name, rank in self.ranks.items():
@@ -121,7 +136,11 @@ class RecursionConfig:
     @property
     def relaxed(self) -> bool:
         """True when any linear carries a per-depth LoRA."""
-        return any(r > 0 for r in self.ranks.values())
+        return any(r > 0 for r in self.ranks.values()) or any(r > 0 for r in self.layer_ranks.values())
+
+    def rank_of(self, layer: int, linear: str) -> int:
+        """LoRA rank of one linear of one shared layer."""
+        return self.layer_ranks.get(f"{layer}.{linear}", self.ranks.get(linear, 0))
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

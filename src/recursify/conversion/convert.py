@@ -9,14 +9,19 @@ import torch
 from tqdm.auto import tqdm
 
 from recursify.config import LINEARS, ArchConfig, RecursionConfig
-from recursify.conversion.lora_init import resolve_ranks, svd_lora, zero_lora
+from recursify.conversion.calibration import Calibration, calibrate, damped, weighted_error
+from recursify.conversion.lora_init import asvd_lora, resolve_ranks, squared_singular_values, svd_lora, zero_lora
+from recursify.conversion.rank_budget import allocate_ranks, parse_budget
+from recursify.conversion.shared_fit import lsq_shared
 from recursify.conversion.tying import init_sources, tie
 from recursify.conversion.weight_map import OriginalWeights, arch_from_hf, split_state_dict
+from recursify.errors import ConfigError
 from recursify.modeling.layers import FOLDABLE_NORMS, linear_shapes, norm_names
 from recursify.modeling.model import RecursiveModel, SourceInfo, norm_is_tied, rope_buffer_name
 from recursify.modeling.schedule import build_schedule, check_loops, depths_of_layer
 
 RANDOM_INIT_STD = 0.02
+CALIB_SEQ_LEN = 256
 
 
 def convert(
@@ -29,6 +34,11 @@ def convert(
     lora_init: str = "svd",
     seed: int = 0,
     progress: bool = True,
+    shared_init: str = "init",
+    calib: str | Calibration | None = None,
+    calib_tokens: int = 16384,
+    lora_params: int | str | None = None,
+    lsq_rounds: int = 2,
 ) -> RecursiveModel:
     """Turn a pretrained decoder into a (relaxed) recursive model.
 
@@ -40,18 +50,42 @@ def convert(
         rank: LoRA rank per depth (0 = pure recursive, "full" = exact reproduction).
         strategy: cycle, sequence, cycle-rev or middle-cycle.
         norms: per-depth (default, exact at full rank), tied (the paper) or fold.
-        lora_init: svd (residual SVD) or zero (standard LoRA init).
+        lora_init: svd (residual SVD), asvd (activation-aware SVD; needs ``calib``) or zero.
         seed: seeds random shared weights and standard-init LoRA factors.
-        progress: show a progress bar.
+        progress: show progress bars.
+        shared_init: "init" (the ``init`` rule) or "lsq" (activation-weighted least squares,
+            alternated with asvd for ``lsq_rounds``; needs ``calib``).
+        calib: calibration data (any ``--data`` spec, e.g. ``teacher:16k`` or a .txt file), or
+            statistics already computed by ``calibration_for`` (to reuse them across conversions).
+        calib_tokens: how many calibration tokens to stream through the original model.
+        lora_params: a LoRA parameter budget (e.g. "8M") that replaces ``rank``: ranks per shared
+            layer and linear are chosen to retain the most (whitened) residual energy.
+        lsq_rounds: alternation rounds of ``shared_init="lsq"``.
     """
     from recursify.sources import LoadedSource, load_source
+
+    data_aware = lora_init == "asvd" or shared_init == "lsq"
+    if data_aware and not calib:
+        raise ConfigError("--lora-init asvd and --shared-init lsq need calibration data: pass --calib (e.g. teacher:16k or a .txt file)")
+    budget = parse_budget(lora_params) if lora_params is not None else None
 
     def recursion_for(hf_config: Any) -> tuple[ArchConfig, RecursionConfig]:
         arch = arch_from_hf(hf_config)
         check_loops(arch.num_layers, loops, strategy)
         ranks = resolve_ranks(rank, linear_shapes(arch))
         return arch, RecursionConfig(
-            loops=loops, strategy=strategy, init=init, ranks=ranks, lora_init=lora_init, norms=norms, rank_spec=rank, seed=seed
+            loops=loops,
+            strategy=strategy,
+            init=init,
+            ranks=ranks,
+            lora_init=lora_init,
+            norms=norms,
+            rank_spec=rank if budget is None else f"budget {budget}",
+            seed=seed,
+            shared_init=shared_init,
+            lsq_rounds=lsq_rounds,
+            calib=calib if isinstance(calib, str) else ("precomputed" if calib else ""),
+            lora_params=budget or 0,
         )
 
     if hasattr(source, "state_dict") and hasattr(source, "config"):
@@ -65,16 +99,88 @@ def convert(
     arch, recursion = recursion_for(loaded.hf_config)
     original = split_state_dict(loaded.hf_config, loaded.state_dict)
     info = SourceInfo(spec=loaded.spec, hf_config=loaded.hf_config.to_dict(), total_params=original_param_count(original))
-    with torch.device("meta"):  # no memory or init work for weights that are replaced at once
-        model = RecursiveModel(arch, recursion, info)
-    state = recursive_state_dict(original, arch, recursion, progress)
+    calibration = calib if isinstance(calib, Calibration) else None
+    if isinstance(calib, str) and calib:
+        calibration = calibration_for(original, arch, norms, info, loaded.tokenizer, calib, calib_tokens, seed, progress)
+    if calibration is not None:
+        recursion.calib_tokens = calibration.tokens
+    if budget is not None:
+        recursion.ranks = dict.fromkeys(LINEARS, 0)
+        recursion.layer_ranks = budget_ranks(original, arch, recursion, budget, calibration)
+    report: dict[str, Any] = {}
+    state = recursive_state_dict(original, arch, recursion, progress, calibration, report)
     if not isinstance(source, (str, os.PathLike)):
         # The caller keeps this source (e.g. as the KD teacher or for a second conversion); copied
         # or single-source tensors would otherwise share its storage, and training would change it.
         state = {name: tensor.clone() for name, tensor in state.items()}
-    model.load_state_dict(state, strict=True, assign=True)
+    model = build_model(arch, recursion, info, state)
+    model.report = report
     model.tokenizer = loaded.tokenizer
+    return model
+
+
+def build_model(arch: ArchConfig, recursion: RecursionConfig, info: SourceInfo, state: dict[str, torch.Tensor]) -> RecursiveModel:
+    """A model whose parameters are the given tensors (no init work, no copies)."""
+    with torch.device("meta"):
+        model = RecursiveModel(arch, recursion, info)
+    model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
+
+
+def calibration_for(
+    original: OriginalWeights,
+    arch: ArchConfig,
+    norms: str,
+    info: SourceInfo,
+    tokenizer: Any,
+    spec: str,
+    max_tokens: int,
+    seed: int,
+    progress: bool,
+) -> Calibration:
+    """Stream ``spec``'s training split through the original model (in the chosen norm form)."""
+    from recursify.data import load_tokens, pack
+
+    if tokenizer is None:
+        raise ConfigError(
+            "calibration needs the source model's tokenizer, and this source has none; convert from a checkpoint that ships one"
+        )
+    plain = RecursionConfig(loops=1, norms=norms)
+    reference = build_model(arch, plain, info, recursive_state_dict(original, arch, plain))
+    reference.tokenizer = tokenizer
+    tokens = load_tokens(spec, tokenizer, split="train", max_tokens=max_tokens, seed=seed, teacher=reference)
+    seq_len = min(CALIB_SEQ_LEN, len(tokens))
+    if seq_len < 2:
+        raise ConfigError(f"--calib {spec} gave {len(tokens)} tokens; calibration needs at least a few hundred")
+    return calibrate(reference, pack(tokens, seq_len), progress=progress)
+
+
+def budget_ranks(
+    original: OriginalWeights, arch: ArchConfig, recursion: RecursionConfig, budget: int, calibration: Calibration | None
+) -> dict[str, int]:
+    """Ranks per "layer.linear" that retain the most residual energy within ``budget`` LoRA parameters.
+
+    The energy is the residual's to the ``init`` rule's shared weight, whitened by the calibration
+    inputs when there are any (what asvd can retain), plain otherwise (what svd can retain).
+    """
+    schedule = build_schedule(arch.num_layers, recursion.loops, recursion.strategy)
+    layers = _layers_in_norm_form(original, arch, recursion)
+    gains: dict[str, torch.Tensor] = {}
+    costs: dict[str, int] = {}
+    for index, source_depths in enumerate(init_sources(schedule, recursion.init, recursion.strategy)):
+        depths = depths_of_layer(schedule, index)
+        for name, (fan_in, fan_out) in linear_shapes(arch).items():
+            weights = [layers[d][f"{name}.weight"] for d in depths]
+            shared = tie([layers[d][f"{name}.weight"] for d in source_depths]) if source_depths else torch.zeros_like(weights[0])
+            energy = torch.zeros(min(fan_in, fan_out), dtype=torch.float64)
+            for depth, weight in zip(depths, weights, strict=True):
+                residual = weight.double() - shared.double()
+                if calibration is not None:
+                    residual = residual @ calibration.whitening(depth, name)[0]
+                energy += squared_singular_values(residual)
+            gains[f"{index}.{name}"] = energy
+            costs[f"{index}.{name}"] = len(depths) * (fan_in + fan_out)
+    return allocate_ranks(gains, costs, budget)
 
 
 def original_param_count(original: OriginalWeights) -> int:
@@ -97,35 +203,63 @@ def fold_norms(layer: dict[str, torch.Tensor], norm_offset: float) -> dict[str, 
     return folded
 
 
+def _layers_in_norm_form(original: OriginalWeights, arch: ArchConfig, recursion: RecursionConfig) -> list[dict[str, torch.Tensor]]:
+    if recursion.norms == "fold":
+        return [fold_norms(layer, arch.norm_offset) for layer in original.layers]
+    return original.layers
+
+
 def recursive_state_dict(
-    original: OriginalWeights, arch: ArchConfig, recursion: RecursionConfig, progress: bool = False
+    original: OriginalWeights,
+    arch: ArchConfig,
+    recursion: RecursionConfig,
+    progress: bool = False,
+    calibration: Calibration | None = None,
+    report: dict[str, Any] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The RecursiveModel state dict: shared weights by ``init``, LoRA/bias/norm per visit."""
+    """The RecursiveModel state dict: shared weights by ``init``, LoRA/bias/norm per visit.
+
+    With ``calibration``, ``report`` receives the relative reconstruction error on calibration
+    inputs of every linear at every depth: tr(E C E^T) / tr(W C W^T), E = W_d - (W' + B_d A_d).
+    """
     schedule = build_schedule(arch.num_layers, recursion.loops, recursion.strategy)
     sources = init_sources(schedule, recursion.init, recursion.strategy)
-    layers = [fold_norms(layer, arch.norm_offset) for layer in original.layers] if recursion.norms == "fold" else original.layers
+    layers = _layers_in_norm_form(original, arch, recursion)
     generator = torch.Generator().manual_seed(recursion.seed)
     state: dict[str, torch.Tensor] = {"embed.weight": original.embed, "final_norm.weight": original.final_norm[None]}
     if original.lm_head is not None:
         state["lm_head.weight"] = original.lm_head
     for kind, inv_freq in original.rope_inv_freq.items():
         state[rope_buffer_name(kind)] = inv_freq
+    errors: dict[str, list[float]] = {name: [0.0] * arch.num_layers for name in LINEARS}
     with tqdm(total=len(sources) * len(LINEARS), desc="tying layers", unit="linear", disable=not progress) as bar:
         for index, source_depths in enumerate(sources):
-            tying = _LayerTying(layers, source_depths, depths_of_layer(schedule, index), generator)
+            tying = _LayerTying(layers, source_depths, depths_of_layer(schedule, index), generator, recursion, calibration)
             for name, (fan_in, fan_out) in linear_shapes(arch).items():
-                state.update(tying.linear(name, fan_in, fan_out, recursion, prefix=f"layers.{index}.{name}."))
+                state.update(tying.linear(name, fan_in, fan_out, recursion.rank_of(index, name), f"layers.{index}.{name}.", errors[name]))
                 bar.update()
             for norm in norm_names(arch):
                 state[f"layers.{index}.{norm}.weight"] = tying.norm(norm, norm_is_tied(recursion, norm), 1.0 - arch.norm_offset)
+    if report is not None and calibration is not None:
+        report["relative_error"] = errors
+        report["calib_tokens"] = calibration.tokens
     return state
 
 
 class _LayerTying:
     """Builds one shared layer's tensors from the original depths it serves."""
 
-    def __init__(self, layers: list[dict[str, torch.Tensor]], source_depths: list[int], depths: list[int], generator: torch.Generator):
+    def __init__(
+        self,
+        layers: list[dict[str, torch.Tensor]],
+        source_depths: list[int],
+        depths: list[int],
+        generator: torch.Generator,
+        recursion: RecursionConfig,
+        calibration: Calibration | None,
+    ):
         self.layers, self.source_depths, self.depths, self.generator = layers, source_depths, depths, generator
+        self.recursion, self.calibration = recursion, calibration
 
     def shared(self, name: str, fill: float | None = None) -> torch.Tensor:
         """The tied value of ``name``: the init rule's mean, or random (``fill`` for norms/biases)."""
@@ -136,24 +270,44 @@ class _LayerTying:
             return torch.full(shape, fill)
         return torch.randn(shape, generator=self.generator) * RANDOM_INIT_STD
 
-    def linear(self, name: str, fan_in: int, fan_out: int, recursion: RecursionConfig, prefix: str) -> dict[str, torch.Tensor]:
-        """Shared weight (+ bias), per-visit LoRA factors and bias residuals of one linear."""
-        weight = self.shared(f"{name}.weight")
-        out = {prefix + "weight": weight}
-        rank = recursion.ranks.get(name, 0)
-        if rank > 0:
-            factors = [
-                svd_lora(self.layers[d][f"{name}.weight"] - weight, rank, self.generator)
-                if recursion.lora_init == "svd"
-                else zero_lora(fan_in, fan_out, rank, self.generator)
-                for d in self.depths
+    def factors(self, name: str, weights: list[torch.Tensor], shared: torch.Tensor, rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per-visit LoRA (A, B) for the residuals W_d - W' by the configured init."""
+        fan_out, fan_in = shared.shape
+        if self.recursion.lora_init == "zero":
+            return [zero_lora(fan_in, fan_out, rank, self.generator) for _ in weights]
+        if self.recursion.lora_init == "asvd":
+            assert self.calibration is not None
+            return [
+                asvd_lora(w - shared, rank, self.calibration.whitening(d, name), self.generator)
+                for d, w in zip(self.depths, weights, strict=True)
             ]
+        return [svd_lora(w - shared, rank, self.generator) for w in weights]
+
+    def linear(self, name: str, fan_in: int, fan_out: int, rank: int, prefix: str, errors: list[float]) -> dict[str, torch.Tensor]:
+        """Shared weight (+ bias), per-visit LoRA factors and bias residuals of one linear."""
+        weights = [self.layers[d][f"{name}.weight"] for d in self.depths]
+        shared = self.shared(f"{name}.weight")
+        factors = self.factors(name, weights, shared, rank) if rank > 0 else []
+        if self.recursion.shared_init == "lsq":
+            assert self.calibration is not None
+            grams = [damped(self.calibration.gram(d, name)) for d in self.depths]
+            for _ in range(self.recursion.lsq_rounds if rank > 0 else 1):
+                targets = [w - b @ a for w, (a, b) in zip(weights, factors, strict=True)] if factors else weights
+                shared = lsq_shared(targets, grams)
+                factors = self.factors(name, weights, shared, rank) if rank > 0 else []
+        out = {prefix + "weight": shared}
+        if factors:
             out[prefix + "lora_A"] = torch.stack([a for a, _ in factors])
             out[prefix + "lora_B"] = torch.stack([b for _, b in factors])
+        if self.calibration is not None:
+            for visit, (depth, weight) in enumerate(zip(self.depths, weights, strict=True)):
+                effective = shared + (factors[visit][1] @ factors[visit][0] if factors else 0.0)
+                gram = self.calibration.gram(depth, name)
+                errors[depth] = weighted_error(weight - effective, gram) / max(weighted_error(weight, gram), 1e-30)
         if f"{name}.bias" in self.layers[0]:
             bias = self.shared(f"{name}.bias", fill=0.0)
             out[prefix + "bias"] = bias
-            if recursion.relaxed and recursion.loops > 1:
+            if self.recursion.relaxed and self.recursion.loops > 1:
                 out[prefix + "bias_delta"] = torch.stack([self.layers[d][f"{name}.bias"] - bias for d in self.depths])
         return out
 

@@ -14,22 +14,50 @@ def svd_lora(residual: torch.Tensor, rank: int, generator: torch.Generator) -> t
     """(A [rank, in], B [out, rank]) with B @ A the best rank-``rank`` approximation of residual [out, in].
 
     A = V_r^T (top right singular vectors) and B = R V_r = U_r S_r, as a truncated SVD gives them.
-    They come from the eigen-decomposition of the smaller Gram matrix in float64, which is several
-    times faster than a full SVD and still exact at full rank: there V_r V_r^T = I, so B A = R.
-    A residual that is exactly zero (the depth the shared weight was copied from) has no singular
-    directions; it gets the standard LoRA init instead, so training can still move it.
+    A residual that is exactly zero (the depth the shared weight was copied from) has no
+    singular directions; it gets the standard LoRA init instead, so training can still move it.
     """
     if not bool(residual.any()):
         return zero_lora(residual.shape[1], residual.shape[0], rank, generator)
-    r = residual.double()
-    if r.shape[0] >= r.shape[1]:
-        _, right = torch.linalg.eigh(r.T @ r)
+    a, b = truncated_factors(residual.double(), rank)
+    return a.float().contiguous(), b.float().contiguous()
+
+
+def asvd_lora(
+    residual: torch.Tensor, rank: int, whitening: tuple[torch.Tensor, torch.Tensor], generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activation-aware factors: minimise ||(R - B A) X||_F for calibration inputs with C = X^T X / n = S S^T.
+
+    ||(R - BA) X||^2 = n ||(R - BA) S||^2, so truncate R S and map A back through S^-1. With C = I
+    this is plain SVD; at full rank it is exact like plain SVD.
+    """
+    if not bool(residual.any()):
+        return zero_lora(residual.shape[1], residual.shape[0], rank, generator)
+    sqrt_c, inv_sqrt_c = whitening
+    a_white, b = truncated_factors(residual.double() @ sqrt_c, rank)
+    return (a_white @ inv_sqrt_c).float().contiguous(), b.float().contiguous()
+
+
+def truncated_factors(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Truncated SVD of a float64 matrix [out, in] as (V_r^T [rank, in], U_r S_r [out, rank]).
+
+    Computed from the eigendecomposition of the smaller Gram matrix, several times faster than a
+    full SVD; at full rank V_r V_r^T = I, so B A reproduces the matrix exactly.
+    """
+    if matrix.shape[0] >= matrix.shape[1]:
+        _, right = torch.linalg.eigh(matrix.T @ matrix)
         a = right[:, -rank:].flip(-1).T  # (rank, in), largest singular value first
     else:
-        _, left = torch.linalg.eigh(r @ r.T)
-        scaled = left[:, -rank:].flip(-1).T @ r  # (rank, in): row i = s_i v_i^T
+        _, left = torch.linalg.eigh(matrix @ matrix.T)
+        scaled = left[:, -rank:].flip(-1).T @ matrix  # (rank, in): row i = s_i v_i^T
         a = scaled / scaled.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
-    return a.float().contiguous(), (r @ a.T).float().contiguous()
+    return a, matrix @ a.T
+
+
+def squared_singular_values(matrix: torch.Tensor) -> torch.Tensor:
+    """Squared singular values of a float64 matrix, largest first (from the smaller Gram matrix)."""
+    gram = matrix.T @ matrix if matrix.shape[0] >= matrix.shape[1] else matrix @ matrix.T
+    return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0.0)
 
 
 def zero_lora(in_features: int, out_features: int, rank: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

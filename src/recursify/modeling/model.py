@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from recursify.config import ArchConfig, RecursionConfig
+from recursify.config import LINEARS, ArchConfig, RecursionConfig
 from recursify.errors import ConfigError
 from recursify.modeling.kv_cache import KVCache
 from recursify.modeling.layers import FOLDABLE_NORMS, AttentionContext, SharedLayer, build_masks, norm_names
@@ -65,6 +65,7 @@ class RecursiveModel(nn.Module):
         self.arch, self.recursion = arch, recursion
         self.source = source or SourceInfo()
         self.tokenizer: Any = None
+        self.report: dict[str, Any] = {}  # conversion diagnostics (e.g. reconstruction errors), saved in config.json
         self.schedule: list[DepthSlot] = build_schedule(arch.num_layers, recursion.loops, recursion.strategy)
         self.exit_depths = loop_end_depths(self.schedule)
         unique = num_unique_layers(arch.num_layers, recursion.loops, recursion.strategy)
@@ -73,7 +74,8 @@ class RecursiveModel(nn.Module):
         for layer in range(unique):
             visits = len(depths_of_layer(self.schedule, layer))
             slots = norm_slot_counts(arch, recursion, visits)
-            layers.append(SharedLayer(arch, visits, recursion.ranks, slots, bias_delta))
+            ranks = {name: recursion.rank_of(layer, name) for name in LINEARS}
+            layers.append(SharedLayer(arch, visits, ranks, slots, bias_delta))
         self.embed = nn.Embedding(arch.vocab_size, arch.hidden_size)
         self.layers = nn.ModuleList(layers)
         self.final_norm = DepthRMSNorm(arch.hidden_size, 1, arch.rms_norm_eps, arch.norm_offset)
