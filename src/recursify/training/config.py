@@ -1,0 +1,122 @@
+"""UptrainConfig: every option of an uptraining run, validated before anything heavy is loaded."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from recursify.errors import ConfigError
+from recursify.text import PRECISIONS
+from recursify.training.losses import LossConfig
+
+# Options that may differ between a run and its --resume without changing the result.
+OPERATIONAL_FIELDS = ("resume", "overwrite", "quiet", "save_every", "eval_every", "eval_tokens")
+
+
+@dataclass
+class UptrainConfig:
+    """An uptraining run.
+
+    Attributes:
+        student: checkpoint directory written by ``recursify convert`` (or a previous uptrain).
+        out: output checkpoint directory (training state goes to ``out/training``).
+        teacher: model spec run online as the KD teacher with loops=1; None = no teacher.
+        data: ``--data`` spec (see ``recursify.data``); default ``teacher:<tokens>``.
+        tokens: training budget in tokens; steps = ceil(tokens / tokens per step).
+        seq_len: tokens per packed row.
+        batch_tokens: tokens per optimizer step (rounded down to whole rows, at least one row per process).
+        micro_batch: rows per forward pass; gradients accumulate over micro-batches.
+        lr: peak learning rate; min_lr_ratio: the cosine floor as a fraction of it.
+        warmup_steps: linear warmup steps; None = 5% of the steps.
+        weight_decay: AdamW decay on weight matrices.
+        clip: gradient-norm clipping threshold (0 = off).
+        loss: how losses are built (KD kind and weight, temperature, exit weights, self-distillation).
+        exit_ensemble: also learn exit-ensemble weights (saved as exit_ensemble.safetensors).
+        freeze: fnmatch patterns of parameters to freeze (``!pattern`` keeps them trainable).
+        precision: "auto" (bf16 autocast where the hardware has bf16 units: CUDA GPUs that support it,
+            CPUs with AVX512-BF16/AMX; fp32 elsewhere, since emulated bf16 is many times slower),
+            "bf16" or "fp32".
+        gradient_checkpointing: recompute layer activations in the backward pass.
+        save_every: checkpoint every N optimizer steps (0 = only at the end).
+        eval_every: held-out evaluation every N steps (0 = only before and after training).
+        eval_tokens: held-out tokens per evaluation (0 = no evaluation).
+        seed: data order (and teacher-corpus sampling).
+        resume: continue the run in ``out`` from its last checkpoint.
+        overwrite: replace ``out`` when starting a fresh run.
+        quiet: no progress bar.
+    """
+
+    student: str
+    out: str
+    teacher: str | None = None
+    data: str | None = None
+    tokens: int = 1_000_000
+    seq_len: int = 512
+    batch_tokens: int = 16_384
+    micro_batch: int = 4
+    lr: float = 2e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int | None = None
+    weight_decay: float = 0.0
+    clip: float = 1.0
+    loss: LossConfig = field(default_factory=LossConfig)
+    exit_ensemble: bool = False
+    freeze: list[str] = field(default_factory=list)
+    precision: str = "auto"
+    gradient_checkpointing: bool = False
+    save_every: int = 200
+    eval_every: int = 0
+    eval_tokens: int = 16_384
+    seed: int = 0
+    resume: bool = False
+    overwrite: bool = False
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        positive = {"tokens": self.tokens, "seq_len": self.seq_len, "batch_tokens": self.batch_tokens, "micro_batch": self.micro_batch}
+        for name, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        if self.seq_len < 2:
+            raise ConfigError("--seq-len must be at least 2 (a row needs a token and its successor)")
+        if not self.lr > 0:
+            raise ConfigError(f"--lr must be positive, got {self.lr}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+        nonnegative = {"weight_decay": self.weight_decay, "clip": self.clip, "save_every": self.save_every}
+        nonnegative |= {"eval_every": self.eval_every, "eval_tokens": self.eval_tokens, "warmup_steps": self.warmup_steps or 0}
+        for name, number in nonnegative.items():
+            if number < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {number}")
+        if self.precision not in ("auto", *PRECISIONS):
+            raise ConfigError(f"unknown precision {self.precision!r}; choose one of: auto, {', '.join(PRECISIONS)}")
+        if self.exit_ensemble and not self.loss.needs_exits:
+            raise ConfigError("--exit-ensemble trains early exits: pick --exit-loss weighted or aggressive:C as well")
+        if self.teacher is None and self.loss.kd_weight > 0:
+            raise ConfigError("KD needs a teacher: pass --teacher, or --kd-weight 0 to train on cross-entropy only")
+        if self.data is None and self.teacher is None:
+            raise ConfigError("without a teacher there is no default data: pass --data (a file, directory or dataset)")
+
+    @property
+    def data_spec(self) -> str:
+        """The data source; ``teacher:<tokens>`` (sequence-level distillation data) by default."""
+        return self.data if self.data is not None else f"teacher:{self.tokens}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def resume_mismatches(self, saved: dict[str, Any]) -> list[str]:
+        """Options of this config that differ from a saved run's, ignoring operational ones."""
+        current = self.to_dict()
+        keys = sorted((set(current) | set(saved)) - set(OPERATIONAL_FIELDS))
+        return [f"{k}: saved {saved.get(k)!r}, now {current.get(k)!r}" for k in keys if _jsonish(saved.get(k)) != _jsonish(current.get(k))]
+
+
+def _jsonish(value: Any) -> Any:
+    """Normalise tuples to lists so a config read back from JSON compares equal."""
+    if isinstance(value, (list, tuple)):
+        return [_jsonish(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonish(v) for k, v in value.items()}
+    return value

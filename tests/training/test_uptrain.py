@@ -1,0 +1,136 @@
+"""The uptrain loop on tiny models: KD heals, freezing freezes, guard rails, exact resume after SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from recursify import load
+from recursify.errors import ConfigError, TrainingError
+from recursify.training.checkpointing import latest_checkpoint
+from recursify.training.config import UptrainConfig
+from recursify.training.losses import LossConfig
+from recursify.training.metrics import read_metrics
+from recursify.training.params import apply_freeze, enable_gradient_checkpointing
+from recursify.training.uptrain import uptrain
+
+SMALL = dict(seq_len=16, batch_tokens=64, micro_batch=2, precision="fp32", quiet=True, eval_tokens=0)
+
+
+def _config(tiny_run, out: Path, **overrides) -> UptrainConfig:
+    options = {**SMALL, **overrides}
+    return UptrainConfig(str(tiny_run["student"]), str(out), str(tiny_run["source"]), str(tiny_run["data"]), **options)
+
+
+def test_kd_drives_student_teacher_kl_down(tiny_run, tmp_path) -> None:
+    config = _config(tiny_run, tmp_path / "run", tokens=200 * 64, lr=5e-3, eval_tokens=2048, save_every=0)
+    summary = uptrain(config)
+    before, after = summary["eval_before"]["kl"], summary["eval_after"]["kl"]
+    assert summary["steps"] == 200
+    assert after < 0.3 * before, (before, after)
+    model = load(tmp_path / "run")  # the output is a normal checkpoint
+    assert torch.equal(
+        model.embed.weight, load_file(str(tmp_path / "run" / "training" / "step-00000200" / "model.safetensors"))["embed.weight"]
+    )
+
+
+def test_freeze_really_freezes(tiny_run, tmp_path) -> None:
+    uptrain(_config(tiny_run, tmp_path / "run", tokens=4 * 64, lr=1e-2, freeze=["*", "!*lora*"]))
+    before, after = load(tiny_run["student"]).state_dict(), load(tmp_path / "run").state_dict()
+    for name in before:
+        same = torch.equal(before[name], after[name])
+        assert same != ("lora" in name), name
+
+
+def test_apply_freeze_semantics_and_errors(tiny_run) -> None:
+    model = load(tiny_run["student"])
+    counts = apply_freeze(model, ["layers.*", "!*norm*"])
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {n for n, _ in model.named_parameters() if n.startswith("layers.") and "norm" not in n}
+    assert counts["frozen"] == sum(p.numel() for n, p in model.named_parameters() if n in frozen)
+    with pytest.raises(ConfigError, match="match no parameter"):
+        apply_freeze(model, ["*typo*"])
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_run) -> None:
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for checkpointed in (False, True):
+        model = load(tiny_run["student"]).train()
+        if checkpointed:
+            enable_gradient_checkpointing(model)
+        model(ids, output_exits=True).exit_logits[0].logsumexp(-1).sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name])
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_run, tmp_path) -> None:
+    config = _config(tiny_run, tmp_path / "run", tokens=6 * 64, lr=1e30, clip=0.0, warmup_steps=0, save_every=1)
+    with pytest.raises(TrainingError, match="non-finite") as info:
+        uptrain(config)
+    step = latest_checkpoint(tmp_path / "run").step
+    assert f"step {step})" in str(info.value) and 1 <= step < 6
+    assert all(r["step"] <= step + 1 for r in read_metrics(tmp_path / "run" / "metrics.jsonl"))
+    load(tmp_path / "run")
+
+
+def test_exit_losses_and_ensemble_run(tiny_run, tmp_path) -> None:
+    loss = LossConfig(exit_loss="aggressive:0.1", self_distill=True)
+    uptrain(_config(tiny_run, tmp_path / "run", tokens=6 * 64, lr=1e-2, loss=loss, exit_ensemble=True, freeze=["*"]))
+    records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["event"] == "train"]
+    assert {f"{kind}/exit{b}" for kind in ("ce", "kd") for b in (1, 2, 3)} <= set(records[-1])
+    weights = load_file(str(tmp_path / "run" / "exit_ensemble.safetensors"))["weights"]
+    assert weights.shape == (2, 2) and not torch.equal(weights, torch.eye(2))  # trained with the backbone frozen
+    assert weights[0, 1] == 0  # exit 1 cannot see exit 2
+    before, after = load(tiny_run["student"]).state_dict(), load(tmp_path / "run").state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in before)
+
+
+def test_resume_refuses_changed_options(tiny_run, tmp_path) -> None:
+    uptrain(_config(tiny_run, tmp_path / "run", tokens=2 * 64))
+    with pytest.raises(ConfigError, match="lr"):
+        uptrain(_config(tiny_run, tmp_path / "run", tokens=2 * 64, lr=1e-3, resume=True))
+    with pytest.raises(Exception, match="already exists"):
+        uptrain(_config(tiny_run, tmp_path / "run", tokens=2 * 64))
+
+
+def _cli_args(tiny_run, out: Path, *extra: str) -> list[str]:
+    return [
+        "uptrain", str(tiny_run["student"]), "--teacher", str(tiny_run["source"]), "--data", str(tiny_run["data"]),
+        "--tokens", str(40 * 64), "--seq-len", "16", "--batch-tokens", "64", "--micro-batch", "2", "--lr", "1e-3",
+        "--precision", "fp32", "--save-every", "3", "--eval-tokens", "0", "--quiet", "--out", str(out), *extra,
+    ]  # fmt: skip
+
+
+def test_resume_after_sigkill_is_exact(tiny_run, tmp_path) -> None:
+    from recursify.cli import main
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same threads as this process (see conftest)
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "-m", "recursify", *_cli_args(tiny_run, killed)], env=env, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / "training" / "LATEST").is_file() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    interrupted_at = latest_checkpoint(killed).step
+    assert 0 < interrupted_at < 40
+    assert main(_cli_args(tiny_run, killed, "--resume")) == 0
+    assert main(_cli_args(tiny_run, tmp_path / "straight")) == 0
+    resumed, straight = load(killed).state_dict(), load(tmp_path / "straight").state_dict()
+    assert all(torch.equal(resumed[name], straight[name]) for name in straight)
+    losses = [(r["step"], r["loss"]) for r in read_metrics(killed / "metrics.jsonl") if r["event"] == "train"]
+    assert losses == [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "straight" / "metrics.jsonl") if r["event"] == "train"]
+    state = json.loads((killed / "training" / "LATEST").read_text() and (latest_checkpoint(killed).directory / "state.json").read_text())
+    assert state["step"] == 40 and state["tokens_seen"] == 40 * 64
