@@ -1,0 +1,1 @@
+"""Serving: continuous (depth-wise) batching with early exits; see ``recursify.serve.Engine``."""

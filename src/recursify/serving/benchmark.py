@@ -1,0 +1,252 @@
+"""Measured serving throughput: one workload replayed through engines with different policies.
+
+A workload is fixed by a seed (prompt and output lengths, arrival times); every row replays the
+same one in real time, so rows differ only in the model, batching, exit policy and KV mode.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from recursify.errors import ConfigError
+from recursify.modeling.model import RecursiveModel
+from recursify.serving.engine import Engine, EngineConfig, RequestOutput
+
+# Plain English to cut prompts from (the model's tokenizer turns it into ids).
+PROMPT_TEXT = (
+    "The history of the printing press begins in the fifteenth century, when movable type made books cheaper and faster "
+    "to produce. Within a few decades printers in many European cities were producing pamphlets, calendars and bibles. "
+    "Scholars argue about how quickly literacy spread, but the number of surviving books suggests that demand grew "
+    "steadily. Paper mills expanded along rivers, and merchants carried printed sheets along trade routes. Governments "
+    "soon learned to license presses, while reformers used cheap tracts to reach readers who had never owned a book. "
+    "In the following centuries newspapers, scientific journals and novels changed how people learned about the world, "
+    "and the steam press of the nineteenth century lowered costs again. Today the same questions return with digital "
+    "publishing: who may print, who pays, and how readers decide what to trust."
+)
+
+
+@dataclass
+class Workload:
+    """Requests to replay: token prompts, output lengths and arrival offsets (seconds from the start)."""
+
+    prompts: list[list[int]]
+    max_new_tokens: list[int]
+    arrivals: list[float]
+    description: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_arrival(spec: str) -> float | None:
+    """``all`` (every request at t=0) -> None, ``poisson:R`` -> R requests per second."""
+    if spec == "all":
+        return None
+    kind, _, rate = spec.partition(":")
+    try:
+        value = float(rate)
+    except ValueError:
+        value = -1.0
+    if kind != "poisson" or value <= 0:
+        raise ConfigError(f"--arrival must be 'all' or 'poisson:RATE' with RATE > 0 requests/s, got {spec!r}")
+    return value
+
+
+def make_workload(
+    tokenizer: Any,
+    requests: int,
+    arrival: str,
+    seed: int = 0,
+    prompt_tokens: tuple[int, int] = (8, 48),
+    new_tokens: tuple[int, int] = (16, 32),
+) -> Workload:
+    """Mixed prompt and output lengths drawn with ``seed``; Poisson arrivals have exponential gaps."""
+    if requests < 1:
+        raise ConfigError(f"--requests must be positive, got {requests}")
+    rate = parse_arrival(arrival)
+    rng = random.Random(seed)
+    ids = list(tokenizer(PROMPT_TEXT, add_special_tokens=False)["input_ids"])
+    prompts, lengths, arrivals, clock = [], [], [], 0.0
+    for _ in range(requests):
+        size = rng.randint(*prompt_tokens)
+        start = rng.randrange(0, max(1, len(ids) - size))
+        prompts.append(ids[start : start + size])
+        lengths.append(rng.randint(*new_tokens))
+        arrivals.append(clock)
+        if rate is not None:
+            clock += rng.expovariate(rate)
+    description = {
+        "requests": requests,
+        "arrival": arrival,
+        "seed": seed,
+        "prompt_tokens": list(prompt_tokens),
+        "new_tokens": list(new_tokens),
+    }
+    return Workload(prompts, lengths, arrivals, description)
+
+
+@dataclass
+class RowResult:
+    """One measured configuration (field names are the JSON schema of ``bench-serve --json``)."""
+
+    name: str
+    model: str
+    batching: str
+    exit: str
+    kv_mode: str
+    tokens_per_s: float
+    ttft_p50_ms: float
+    ttft_p99_ms: float
+    tpot_p50_ms: float
+    tpot_p99_ms: float
+    mean_loops: float
+    agreement: float | None
+    wall_s: float
+    tokens: int
+    steps: int
+    mean_batch: float
+    scheduler_share: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def replay(engine: Engine, workload: Workload, progress: Callable[[int], None] | None = None) -> tuple[dict[str, RequestOutput], float]:
+    """Submit requests at their arrival times (real time) and run the engine until all finish."""
+    order = sorted(range(len(workload.prompts)), key=lambda i: workload.arrivals[i])
+    outputs: dict[str, RequestOutput] = {}
+    start = time.perf_counter()
+    while order or engine.has_unfinished():
+        now = time.perf_counter() - start
+        while order and workload.arrivals[order[0]] <= now:
+            i = order.pop(0)
+            engine.add_request(
+                workload.prompts[i],
+                workload.max_new_tokens[i],
+                stop_token_ids=[],
+                request_id=f"w{i}",
+                arrival_time=start + workload.arrivals[i],
+            )
+        if not engine.has_unfinished():
+            time.sleep(max(0.0, workload.arrivals[order[0]] - now))
+            continue
+        for out in engine.step():
+            if out.finished:
+                outputs[out.request_id] = out
+                if progress is not None:
+                    progress(1)
+    return outputs, time.perf_counter() - start
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(torch.tensor(values, dtype=torch.float64).quantile(q)) if values else float("nan")
+
+
+def measure(
+    name: str, model: RecursiveModel, label: str, config: EngineConfig, workload: Workload, reference: dict[str, list[int]] | None = None
+) -> tuple[RowResult, dict[str, list[int]]]:
+    """Replay the workload through a fresh engine; latency and throughput from the engine's own timestamps."""
+    engine = Engine(model, config)
+    outputs, wall = replay(engine, workload)
+    tokens = sum(len(out.token_ids) for out in outputs.values())
+    ttft = [1000 * (out.first_token_time - out.arrival_time) for out in outputs.values() if out.first_token_time is not None]
+    tpot = [
+        1000 * (out.finish_time - out.first_token_time) / (len(out.token_ids) - 1)
+        for out in outputs.values()
+        if out.finish_time is not None and out.first_token_time is not None and len(out.token_ids) > 1
+    ]
+    loops = [loop for out in outputs.values() for loop in out.loops_run]
+    generated = {rid: out.token_ids for rid, out in outputs.items()}
+    stats = engine.stats
+    row = RowResult(
+        name=name,
+        model=label,
+        batching=config.batching,
+        exit=config.exit,
+        kv_mode=config.kv_mode,
+        tokens_per_s=tokens / wall,
+        ttft_p50_ms=percentile(ttft, 0.5),
+        ttft_p99_ms=percentile(ttft, 0.99),
+        tpot_p50_ms=percentile(tpot, 0.5),
+        tpot_p99_ms=percentile(tpot, 0.99),
+        mean_loops=sum(loops) / max(len(loops), 1),
+        agreement=agreement(generated, reference) if reference is not None else None,
+        wall_s=wall,
+        tokens=tokens,
+        steps=stats.steps,
+        mean_batch=stats.items / max(stats.steps, 1),
+        scheduler_share=(stats.schedule_s + stats.update_s) / max(stats.schedule_s + stats.update_s + stats.execute_s, 1e-9),
+    )
+    return row, generated
+
+
+def agreement(outputs: dict[str, list[int]], reference: dict[str, list[int]]) -> float:
+    """Fraction of generated tokens equal to the reference's token at the same position of the same request."""
+    same = total = 0
+    for rid, ref in reference.items():
+        got = outputs.get(rid, [])
+        total += len(ref)
+        same += sum(a == b for a, b in zip(got, ref, strict=False))
+    return same / max(total, 1)
+
+
+def format_table(rows: list[RowResult], ratios: dict[str, dict[str, float]]) -> str:
+    header = (
+        f"{'row':<34}{'tok/s':>8}{'x static':>9}{'x seq':>7}{'TTFT p50/p99 ms':>18}{'TPOT p50/p99 ms':>18}"
+        f"{'loops':>7}{'agree':>7}{'batch':>7}"
+    )
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        agree = "-" if row.agreement is None else f"{row.agreement:.3f}"
+        lines.append(
+            f"{row.name:<34}{row.tokens_per_s:>8.1f}{ratios['vs_static'][row.name]:>9.2f}{ratios['vs_sequence'][row.name]:>7.2f}"
+            f"{f'{row.ttft_p50_ms:.0f}/{row.ttft_p99_ms:.0f}':>18}{f'{row.tpot_p50_ms:.0f}/{row.tpot_p99_ms:.0f}':>18}"
+            f"{row.mean_loops:>7.2f}{agree:>7}{row.mean_batch:>7.1f}"
+        )
+    return "\n".join(lines)
+
+
+def bench_serve(
+    model: RecursiveModel,
+    baseline: RecursiveModel,
+    workload: Workload,
+    exit_spec: str = "confidence:0.9",
+    max_batch: int = 32,
+    precision: str = "fp32",
+    model_label: str = "recursive",
+    baseline_label: str = "vanilla",
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """The issue's rows on one workload: vanilla static/sequence vs recursive sequence/depth-wise, with and without exits."""
+    if baseline.loops != 1:
+        raise ConfigError(f"--baseline must be the original model (loops=1), got one with {baseline.loops} loops")
+    plans = [
+        ("1 vanilla static", baseline, baseline_label, "static", "none", "propagate", None),
+        ("2 vanilla sequence", baseline, baseline_label, "sequence", "none", "propagate", "1 vanilla static"),
+        ("3 recursive sequence", model, model_label, "sequence", "none", "propagate", None),
+        ("4 recursive depthwise", model, model_label, "depthwise", "none", "propagate", "3 recursive sequence"),
+        ("5 recursive depthwise+exit", model, model_label, "depthwise", exit_spec, "propagate", "3 recursive sequence"),
+        ("5s recursive depthwise+exit share", model, model_label, "depthwise", exit_spec, "share", "3 recursive sequence"),
+        ("5q recursive sequence+exit", model, model_label, "sequence", exit_spec, "propagate", "3 recursive sequence"),
+    ]
+    rows: list[RowResult] = []
+    outputs: dict[str, dict[str, list[int]]] = {}
+    for name, served, label, batching, exit_rule, kv_mode, reference in plans:
+        config = EngineConfig(batching=batching, max_batch=max_batch, exit=exit_rule, kv_mode=kv_mode, precision=precision)
+        row, outputs[name] = measure(name, served, label, config, workload, outputs.get(reference) if reference else None)
+        log(f"{name}: {row.tokens_per_s:.1f} tokens/s, mean loops {row.mean_loops:.2f}, {row.wall_s:.1f}s")
+        rows.append(row)
+    static, sequence = rows[0].tokens_per_s, rows[1].tokens_per_s
+    ratios = {
+        "vs_static": {row.name: row.tokens_per_s / static for row in rows},
+        "vs_sequence": {row.name: row.tokens_per_s / sequence for row in rows},
+    }
+    return {
+        "workload": workload.description,
+        "rows": [row.to_dict() for row in rows],
+        "ratios": ratios,
+        "table": format_table(rows, ratios),
+    }

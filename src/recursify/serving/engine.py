@@ -1,0 +1,294 @@
+"""The serving engine: a request queue and a step loop over the scheduler and the model runner.
+
+``Engine.generate`` yields every request's output as soon as it finishes; ``Engine.stream`` yields
+each new token as it is sampled; ``add_request`` / ``step`` / ``cancel`` drive it by hand (the
+benchmark does, to replay arrival times). The same engine serves vanilla models (loops=1) and
+recursive ones; the batching policy, exit policy and KV mode are flags (METHOD.md sections 5-6).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from recursify.errors import ConfigError
+from recursify.modeling.generation import SamplingConfig
+from recursify.modeling.model import RecursiveModel
+from recursify.serving.exit_policy import parse_exit_policy
+from recursify.serving.kv_cache import BlockAllocator, KVPool
+from recursify.serving.request import Request
+from recursify.serving.runner import ModelRunner, block_size_of
+from recursify.serving.scheduler import BATCHING, Scheduler, StepEvents
+from recursify.text import precision_context
+
+
+@dataclass
+class EngineConfig:
+    """Serving options.
+
+    Attributes:
+        batching: static | sequence | depthwise (continuous depth-wise batching, recursive models).
+        max_batch: most requests running at once.
+        exit: none | confidence:TAU[,TAU...] | fixed:B | oracle (simulation only: runs every loop).
+        kv_mode: keys/values of early-exited tokens at deeper loops: propagate (computed later
+            from the exit hidden state) or share (copied from the last computed loop).
+        precision: fp32 or bf16 (autocast).
+        max_kv_tokens: KV pool size in positions (each holding every depth); requests that do not
+            fit wait for others to finish (admission control instead of out-of-memory).
+        block_size: positions per KV block.
+        max_prefill_chunk: longest prompt chunk one step processes (longer prompts are chunked).
+    """
+
+    batching: str = "depthwise"
+    max_batch: int = 32
+    exit: str = "none"
+    kv_mode: str = "propagate"
+    precision: str = "fp32"
+    max_kv_tokens: int = 16384
+    block_size: int = 16
+    max_prefill_chunk: int = 512
+
+    def __post_init__(self) -> None:
+        if self.batching not in BATCHING:
+            raise ConfigError(f"unknown batching {self.batching!r}; choose one of: {', '.join(BATCHING)}")
+        if self.max_kv_tokens < self.block_size:
+            raise ConfigError(f"max_kv_tokens ({self.max_kv_tokens}) must hold at least one block of {self.block_size}")
+
+
+@dataclass
+class RequestOutput:
+    """A request's state as seen by the caller (a snapshot; times are ``time.perf_counter`` seconds).
+
+    Attributes:
+        new_token_ids: tokens emitted in the step that produced this snapshot.
+        loops_run: per generated token, the loops it ran (B without early exits).
+        oracle_loops: with exit=oracle, per token, the loops an oracle exit would have run.
+    """
+
+    request_id: str
+    prompt_ids: list[int]
+    token_ids: list[int]
+    new_token_ids: list[int]
+    text: str | None
+    finished: bool
+    finish_reason: str | None
+    arrival_time: float
+    first_token_time: float | None
+    finish_time: float | None
+    token_times: list[float] = field(default_factory=list)
+    loops_run: list[int] = field(default_factory=list)
+    oracle_loops: list[int] = field(default_factory=list)
+
+
+@dataclass
+class EngineStats:
+    """Where the time went, summed over steps: scheduling + bookkeeping vs running the model."""
+
+    steps: int = 0
+    items: int = 0
+    schedule_s: float = 0.0
+    execute_s: float = 0.0
+    update_s: float = 0.0
+
+
+class Engine:
+    """Continuous batching server for a RecursiveModel (see EngineConfig for the options)."""
+
+    def __init__(self, model: RecursiveModel, config: EngineConfig | None = None, **options: Any):
+        self.config = config or EngineConfig(**options)
+        self.model = model.eval()
+        self.tokenizer = model.tokenizer
+        block_size_of(model)  # fail early on models whose depths are not one looped block
+        self.policy = parse_exit_policy(self.config.exit, model.loops)
+        num_blocks = self.config.max_kv_tokens // self.config.block_size
+        self.allocator = BlockAllocator(num_blocks, self.config.block_size)
+        self.pool = KVPool(num_blocks, self.config.block_size, model.num_depths, model.arch.num_kv_heads, model.arch.head_dim)
+        self.scheduler = Scheduler(
+            model.loops,
+            self.config.batching,
+            self.config.max_batch,
+            self.allocator,
+            kv_mode=self.config.kv_mode,
+            max_prefill_chunk=self.config.max_prefill_chunk,
+            oracle=self.policy.kind == "oracle",
+        )
+        self.runner = ModelRunner(model, self.pool, self.policy, self.config.kv_mode)
+        self.stats = EngineStats()
+        self._ids = itertools.count()
+        self._stops: dict[str, list[str]] = {}
+        precision_context(self.config.precision)  # validate now rather than at the first step
+
+    @classmethod
+    def from_pretrained(cls, path: str, **options: Any) -> Engine:
+        """Serve a recursify checkpoint directory, or any model source as the original (loops=1)."""
+        from recursify.cli import open_model
+
+        return cls(open_model(path), EngineConfig(**options))
+
+    # --- requests ---------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        prompt: str | Sequence[int],
+        max_new_tokens: int = 32,
+        sampling: SamplingConfig | None = None,
+        stop: Sequence[str] = (),
+        stop_token_ids: Sequence[int] | None = None,
+        request_id: str | None = None,
+        arrival_time: float | None = None,
+    ) -> str:
+        """Queue a prompt (text, or token ids); returns its request id.
+
+        Args:
+            stop: strings that end the request; the text is cut before the first one.
+            stop_token_ids: tokens that end it (emitted); the model's EOS ids when None, [] for none.
+        """
+        prompt_ids = self._encode(prompt)
+        if stop and self.tokenizer is None:
+            raise ConfigError("stop strings need a model with a tokenizer; pass stop_token_ids instead")
+        eos = self._eos_ids() if stop_token_ids is None else set(stop_token_ids)
+        request = Request(
+            request_id=request_id if request_id is not None else f"req-{next(self._ids)}",
+            prompt_ids=prompt_ids,
+            max_new_tokens=max_new_tokens,
+            sampling=sampling or SamplingConfig(),
+            stop_token_ids=frozenset(eos),
+            arrival_time=time.perf_counter() if arrival_time is None else arrival_time,
+        )
+        self.scheduler.add(request)
+        if stop:
+            self._stops[request.request_id] = list(stop)
+        return request.request_id
+
+    def cancel(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now; returns its final output, or None if it is unknown or already finished."""
+        request = self.scheduler.finish(request_id, "cancelled")
+        if request is None:
+            return None
+        request.finish_time = time.perf_counter()
+        output = self._output(request, [])
+        self._stops.pop(request_id, None)
+        return output
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # --- stepping ---------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one step (one loop of the shared block over the batch); outputs of requests that emitted or finished."""
+        t0 = time.perf_counter()
+        plan = self.scheduler.schedule()
+        for request_id in plan.admitted:
+            self.runner.register(request_id, self.scheduler.requests[request_id].sampling)
+        t1 = time.perf_counter()
+        with precision_context(self.config.precision, self.model.device):
+            results = self.runner.execute(plan)
+        t2 = time.perf_counter()
+        events = self.scheduler.update_from_output(plan, results)
+        outputs = self._outputs(events, t2)
+        t3 = time.perf_counter()
+        self.stats.steps += 1
+        self.stats.items += len(plan.items)
+        self.stats.schedule_s += t1 - t0
+        self.stats.execute_s += t2 - t1
+        self.stats.update_s += t3 - t2
+        return outputs
+
+    def _outputs(self, events: StepEvents, now: float) -> list[RequestOutput]:
+        finished = {request.request_id for request in events.finished}
+        outputs = []
+        for request in events.emitted:
+            request.token_times.append(now)
+            if request.first_token_time is None:
+                request.first_token_time = now
+            if request.request_id not in finished and self._hit_stop_string(request):
+                self.scheduler.finish(request.request_id, "stop")
+                finished.add(request.request_id)
+            if request.request_id in finished:
+                request.finish_time = now
+            outputs.append(self._output(request, request.output_ids[-1:]))
+        for request_id in finished:
+            self._stops.pop(request_id, None)
+        return outputs
+
+    def _hit_stop_string(self, request: Request) -> bool:
+        stops = self._stops.get(request.request_id)
+        return bool(stops) and any(stop in self._decode(request.output_ids) for stop in stops)  # type: ignore[union-attr]
+
+    def _output(self, request: Request, new_tokens: list[int]) -> RequestOutput:
+        text = None
+        if self.tokenizer is not None:
+            text = self._decode([t for t in request.output_ids if t not in request.stop_token_ids])
+            for stop in self._stops.get(request.request_id, []):
+                text = text.split(stop)[0]
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt_ids=list(request.prompt_ids),
+            token_ids=list(request.output_ids),
+            new_token_ids=list(new_tokens),
+            text=text,
+            finished=request.finished,
+            finish_reason=request.finish_reason,
+            arrival_time=request.arrival_time,
+            first_token_time=request.first_token_time,
+            finish_time=request.finish_time,
+            token_times=list(request.token_times),
+            loops_run=list(request.loops_run),
+            oracle_loops=list(request.oracle_loops),
+        )
+
+    # --- convenience --------------------------------------------------------------------------
+
+    def stream(self, prompts: Sequence[str | Sequence[int]], **request_options: Any) -> Iterator[RequestOutput]:
+        """Submit prompts and yield a snapshot each time one of them emits a token (``new_token_ids``)."""
+        for prompt in prompts:
+            self.add_request(prompt, **request_options)
+        while self.has_unfinished():
+            yield from self.step()
+
+    def generate(self, prompts: Sequence[str | Sequence[int]], **request_options: Any) -> Iterator[RequestOutput]:
+        """Submit prompts and yield each request's final output as soon as it finishes (completion order).
+
+        ``request_options`` are those of ``add_request`` (max_new_tokens, sampling, stop, stop_token_ids).
+        """
+        for output in self.stream(prompts, **request_options):
+            if output.finished:
+                yield output
+
+    def kv_usage(self) -> dict[str, int]:
+        """KV memory accounting: blocks and positions in use, and the pool's size."""
+        return {
+            "used_blocks": self.allocator.used_blocks,
+            "reserved_tokens": self.allocator.reserved_tokens,
+            "capacity_tokens": self.allocator.capacity_tokens,
+            "pool_bytes": self.pool.nbytes(),
+            "live_requests": len(self.allocator.owners()),
+        }
+
+    # --- text ---------------------------------------------------------------------------------
+
+    def _encode(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ConfigError("this model has no tokenizer; pass prompts as lists of token ids")
+            ids = list(self.tokenizer(prompt)["input_ids"])
+        else:
+            ids = [int(token) for token in prompt]
+        if not ids:
+            raise ConfigError("a prompt encodes to zero tokens; give non-empty prompts")
+        if max(ids) >= self.model.arch.vocab_size or min(ids) < 0:
+            raise ConfigError(f"prompt token ids must lie in [0, {self.model.arch.vocab_size})")
+        return ids
+
+    def _decode(self, ids: list[int]) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
+    def _eos_ids(self) -> set[int]:
+        eos = set(self.model.arch.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            eos.add(int(self.tokenizer.eos_token_id))
+        return eos

@@ -1,0 +1,65 @@
+"""Naive single-request references for the serving tests: one token at a time, one depth at a time.
+
+Independent of the engine's packing, KV pool, batching and lazy fills: keys/values live in the core
+per-depth KVCache and exits/fills are applied right where they happen.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from recursify.modeling.layers import AttentionContext, build_masks
+from recursify.modeling.model import RecursiveModel
+from recursify.serving.exit_policy import ExitPolicy
+
+
+@torch.no_grad()
+def truncated_greedy(model: RecursiveModel, prompt: list[int], new_tokens: int, loops: int) -> list[int]:
+    """Greedy decoding of the model cut after ``loops`` loops (exit head there), recomputing the whole sequence."""
+    ids = list(prompt)
+    for _ in range(new_tokens):
+        out = model(torch.tensor([ids]), output_exits=True)
+        assert out.exit_logits is not None
+        ids.append(int(out.exit_logits[loops - 1][0, -1].argmax()))
+    return ids[len(prompt) :]
+
+
+@torch.no_grad()
+def early_exit_greedy(
+    model: RecursiveModel, prompt: list[int], new_tokens: int, policy: ExitPolicy, kv_mode: str
+) -> tuple[list[int], list[int]]:
+    """Greedy tokens and loops run per token, with early exits and propagate/share keys for skipped depths."""
+    block = len(model.layers)
+    cache = model.new_cache(1, len(prompt) + new_tokens)
+    chunk, outputs, loops_run = list(prompt), [], []
+    for _ in range(new_tokens):
+        start, seq = cache.length, len(chunk)
+        positions = torch.arange(start, start + seq)[None]
+        ctx = AttentionContext(
+            rope=model.rope_tables(positions, torch.float32),
+            masks=build_masks(torch.ones(1, start + seq, dtype=torch.long), seq, model.arch.layer_types, model.arch.sliding_window),
+            cache=cache,
+        )
+        h = model.embed_tokens(torch.tensor([chunk]))
+        for loop in range(model.loops):
+            for k in range(block):
+                h = model.shared_layer(k)(h, loop, loop * block + k, ctx)
+            logits = model.head(h[:, -1])
+            if bool(policy.decide(logits, [loop])[0]):
+                break
+        for deeper in range(loop + 1, model.loops):
+            for k in range(block):
+                depth, layer = deeper * block + k, model.shared_layer(k)
+                if kv_mode == "share":
+                    key = cache.keys[loop * block + k, :, :, start : start + seq]  # type: ignore[index]
+                    value = cache.values[loop * block + k, :, :, start : start + seq]  # type: ignore[index]
+                else:
+                    _, key, value = layer.project_qkv(layer.norm("attn_norm")(h, deeper), deeper, ctx.rope[model.arch.layer_types[depth]])
+                cache.keys[depth, :, :, start : start + seq] = key  # type: ignore[index]
+                cache.values[depth, :, :, start : start + seq] = value  # type: ignore[index]
+        cache.advance(seq)
+        token = int(logits.argmax(-1)[0])
+        outputs.append(token)
+        loops_run.append(loop + 1)
+        chunk = [token]
+    return outputs, loops_run
