@@ -83,6 +83,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=out.parent, delete=False, suffix=".tmp") as handle:
         json.dump(report, handle, indent=2)
+    os.chmod(handle.name, 0o644)
     os.replace(handle.name, out)
     print(f"\nwrote {out}")
 

@@ -67,7 +67,7 @@ def make_workload(
     if requests < 1:
         raise ConfigError(f"--requests must be positive, got {requests}")
     rate = parse_arrival(arrival)
-    rng = random.Random(seed)
+    rng, arrival_rng = random.Random(seed), random.Random(seed + 1)  # arrivals never change the prompts drawn
     ids = list(tokenizer(PROMPT_TEXT, add_special_tokens=False)["input_ids"])
     prompts, lengths, arrivals, clock = [], [], [], 0.0
     for _ in range(requests):
@@ -77,7 +77,7 @@ def make_workload(
         lengths.append(rng.randint(*new_tokens))
         arrivals.append(clock)
         if rate is not None:
-            clock += rng.expovariate(rate)
+            clock += arrival_rng.expovariate(rate)
     description = {
         "requests": requests,
         "arrival": arrival,
