@@ -258,7 +258,7 @@ def _eval_options(args: argparse.Namespace, per_loop: bool) -> Any:
 
 
 def _write_report(destination: str | None, payload: Any) -> None:
-    from recursify.evaluation.report import write_json
+    from recursify.files import write_json
 
     if destination == "-":
         print(json.dumps(payload, indent=2))

@@ -26,10 +26,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import random
 import re
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -38,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from recursify.errors import ConfigError, DataError
+from recursify.files import write_text
 
 if TYPE_CHECKING:
     from recursify.modeling.model import RecursiveModel
@@ -199,7 +198,7 @@ def teacher_documents(teacher: RecursiveModel | None, num_tokens: int, split: st
     if path.is_file():
         return [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines()]
     docs = sample_corpus(teacher, target, _derived_seed(split, seed), progress=progress)
-    _write_jsonl_atomic(path, docs)
+    write_text(path, "".join(json.dumps({"text": doc}) + "\n" for doc in docs))
     return docs
 
 
@@ -294,19 +293,6 @@ def _teacher_count(spec: str) -> int:
 
 def _derived_seed(split: str, seed: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{split}:{seed}".encode()).digest()[:8], "little")
-
-
-def _write_jsonl_atomic(path: Path, docs: list[str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for doc in docs:
-                fh.write(json.dumps({"text": doc}) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _data_files(path: Path) -> list[Path]:

@@ -6,41 +6,18 @@ matplotlib runs on its Agg backend (no display needed); files are written atomic
 from __future__ import annotations
 
 import os
-import tempfile
-from pathlib import Path
-from typing import Any
 
 from recursify.errors import ConfigError
 from recursify.evaluation.report import EvalReport
+from recursify.files import pyplot, save_figure
 
 METRICS = ("ppl", "acc")
-
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _metric(report: EvalReport, metric: str) -> float | None:
     if metric == "ppl":
         return report.ppl.value if report.ppl is not None else None
     return report.mean_accuracy()
-
-
-def _save(figure: Any, path: str | os.PathLike[str]) -> None:
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=".png", dir=target.parent)
-    os.close(fd)
-    try:
-        figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-        os.replace(tmp, target)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def pareto_plot(reports: list[EvalReport], path: str | os.PathLike[str], metric: str = "ppl") -> None:
@@ -59,7 +36,7 @@ def pareto_plot(reports: list[EvalReport], path: str | os.PathLike[str], metric:
     if not points:
         need = "--ppl DATA" if metric == "ppl" else "--tasks"
         raise ConfigError(f"nothing to plot: no model has a {metric} result; pass {need}")
-    plt = _pyplot()
+    plt = pyplot()
     figure, axes = plt.subplots(figsize=(7, 4.5))
     try:
         for index, (report, value) in enumerate(points):
@@ -76,7 +53,7 @@ def pareto_plot(reports: list[EvalReport], path: str | os.PathLike[str], metric:
         axes.grid(True, alpha=0.3)
         axes.legend(fontsize=8)
         axes.set_title("size vs quality")
-        _save(figure, path)
+        save_figure(figure, path)
     finally:
         plt.close(figure)
 
@@ -90,7 +67,7 @@ def exit_plot(reports: list[EvalReport], path: str | os.PathLike[str]) -> None:
     curves = [r for r in reports if r.ppl is not None and r.ppl.per_loop]
     if not curves:
         raise ConfigError("nothing to plot: no model has per-loop results; pass --ppl DATA (compare computes per-loop metrics)")
-    plt = _pyplot()
+    plt = pyplot()
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     try:
         for report in curves:
@@ -110,6 +87,6 @@ def exit_plot(reports: list[EvalReport], path: str | os.PathLike[str]) -> None:
             axes.xaxis.get_major_locator().set_params(integer=True)
         left.legend(fontsize=8)
         figure.suptitle("static early exits")
-        _save(figure, path)
+        save_figure(figure, path)
     finally:
         plt.close(figure)

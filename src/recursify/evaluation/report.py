@@ -14,11 +14,7 @@ without a teacher)::
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from recursify.evaluation.multiple_choice import TaskResult
@@ -65,21 +61,6 @@ class EvalReport:
     def mean_accuracy(self) -> float | None:
         """acc averaged over tasks (None without tasks)."""
         return sum(r.acc for r in self.tasks.values()) / len(self.tasks) if self.tasks else None
-
-
-def write_json(path: str | os.PathLike[str], payload: Any) -> None:
-    """Write JSON atomically (temp file + rename), creating parent directories."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(payload, fh, indent=2)
-            fh.write("\n")
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _number(value: float | None, digits: int = 3) -> str:

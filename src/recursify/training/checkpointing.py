@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from recursify.checkpoint import WEIGHTS_FILE
 from recursify.errors import CheckpointError
+from recursify.files import write_text
 from recursify.training.exit_ensemble import ENSEMBLE_FILE
 
 TRAINING_DIR = "training"
@@ -90,7 +91,7 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    _write_atomic(training / LATEST_FILE, name)
+    write_text(training / LATEST_FILE, name)
     for file in (WEIGHTS_FILE, ENSEMBLE_FILE):
         if (target / file).is_file():
             _link_atomic(target / file, out / file)
@@ -178,13 +179,6 @@ def _python_rng_to_json(state: tuple[Any, ...]) -> list[Any]:
 def _python_rng_from_json(saved: list[Any]) -> tuple[Any, ...]:
     version, internal, gauss = saved
     return (version, tuple(internal), gauss)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 def _link_atomic(source: Path, target: Path) -> None:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 from recursify.errors import DataError
+from recursify.files import pyplot, save_figure
 from recursify.training.metrics import METRICS_FILE, read_metrics
 
 
@@ -15,11 +15,7 @@ def plot_run(run: str | os.PathLike[str], out: str | os.PathLike[str] | None = N
 
     Uses matplotlib's Agg backend (no display needed); the PNG is written atomically.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     path = Path(run) / METRICS_FILE
     if not path.is_file():
         raise DataError(f"{run} has no {METRICS_FILE}; give the --out directory of a 'recursify uptrain' run")
@@ -44,15 +40,10 @@ def plot_run(run: str | os.PathLike[str], out: str | os.PathLike[str] | None = N
     figure.suptitle(str(run))
     figure.tight_layout()
     target = Path(out) if out is not None else Path(run) / "loss.png"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".png", dir=target.parent)
-    os.close(fd)
     try:
-        figure.savefig(tmp, dpi=100)
-        os.replace(tmp, target)
+        save_figure(figure, target, dpi=100)
     finally:
         plt.close(figure)
-        Path(tmp).unlink(missing_ok=True)
     return target
 
 
