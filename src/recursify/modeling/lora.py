@@ -4,7 +4,8 @@ A shared layer is *visited* once per depth it serves (loop 0, loop 1, ...). Ever
 differ between visits (LoRA pairs, bias residuals, norm gains) is stored stacked over visits and
 selected by a visit index: an int (the whole batch sits at one depth), a LongTensor [batch] (one
 depth per row: a serving batch that mixes loops) or a LongTensor [batch, seq] (one depth per token).
-The tensor paths use gathered or stacked factors in batched matmuls, never a Python loop over depths.
+The tensor paths gather factors per row, or group tokens by visit (one matmul per visit present),
+never a Python loop over rows or tokens.
 """
 
 from __future__ import annotations
@@ -49,10 +50,11 @@ def lora_delta(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, visi
 
     x: [batch, seq, in]; lora_A: [visits, r, in]; lora_B: [visits, out, r];
     visit: int, LongTensor [batch] or LongTensor [batch, seq].
-    Per row, the factors are gathered ([batch, r, in]) for two bmm calls. Per token, gathering
-    [r, in] per token would cost more memory than compute, so x is projected through every
-    visit's A at once, the token's own slice is kept (others zeroed), and one matmul with all
-    B's side by side finishes it.
+    Per row, the factors are gathered ([batch, r, in]) for two bmm calls. Per token (a depth-mixed
+    serving batch), gathering [r, in] per token would read more bytes than it computes, and
+    projecting every token through every visit's A costs visits x the FLOPs; instead the tokens
+    are grouped by visit, one pair of matmuls runs per visit present (at most B, however many
+    tokens), and the results are scattered back (benchmarks/lora_gather.py measures all three).
     """
     if isinstance(visit, int):
         return (x @ lora_A[visit].transpose(0, 1)) @ lora_B[visit].transpose(0, 1)
@@ -60,11 +62,14 @@ def lora_delta(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, visi
         a = lora_A[visit]  # (batch, r, in)
         b = lora_B[visit]  # (batch, out, r)
         return torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
-    visits, rank, fan_in = lora_A.shape
-    projected = (x @ lora_A.reshape(visits * rank, fan_in).transpose(0, 1)).unflatten(-1, (visits, rank))  # (batch, seq, visits, r)
-    own = nn.functional.one_hot(visit, visits).to(projected.dtype)[..., None]  # (batch, seq, visits, 1)
-    stacked_b = lora_B.permute(1, 0, 2).reshape(lora_B.shape[1], visits * rank)  # (out, visits * r)
-    return (projected * own).flatten(-2) @ stacked_b.transpose(0, 1)
+    flat, visits = x.reshape(-1, x.shape[-1]), visit.reshape(-1)  # (tokens, in), (tokens,)
+    order = torch.argsort(visits, stable=True)
+    counts = torch.bincount(visits, minlength=lora_A.shape[0]).tolist()
+    grouped = flat[order].split(counts)
+    parts = [lora_delta(rows, lora_A, lora_B, v) for v, rows in enumerate(grouped) if rows.shape[0]]
+    delta = torch.empty(flat.shape[0], lora_B.shape[1], dtype=parts[0].dtype, device=x.device)
+    delta[order] = torch.cat(parts)
+    return delta.reshape(*x.shape[:-1], lora_B.shape[1])
 
 
 class DepthRMSNorm(nn.Module):
