@@ -427,26 +427,36 @@ def _lengths(value: str) -> tuple[int, int]:
 
 def cmd_bench_serve(args: argparse.Namespace) -> None:
     """Measure serving throughput and latency: vanilla static/sequence vs recursive sequence/depth-wise (+ early exit)."""
-    from recursify.serving.benchmark import bench_serve, make_workload
-    from recursify.serving.simulate import simulate
-    from recursify.text import require_tokenizer
+    from recursify.serving.benchmark import ROW5, serving_benchmark
 
-    model, baseline = open_model(args.run), open_model(args.baseline)
-    workload = make_workload(require_tokenizer(model), args.requests, args.arrival, args.seed, args.prompt_tokens, args.new_tokens)
-    report = bench_serve(model, baseline, workload, args.exit, args.max_batch, args.precision, args.run, args.baseline)
-    if args.data:
-        from recursify.serving.exit_policy import parse_exit_policy
-
-        sim = simulate(model, _serve_data(args, model), parse_exit_policy(args.exit, model.loops), workload.max_new_tokens, args.max_batch)
-        row5 = "5 recursive depthwise+exit"
-        sim["measured"] = {"5 vs static": report["ratios"]["vs_static"][row5], "5 vs sequence": report["ratios"]["vs_sequence"][row5]}
-        report["simulated"] = sim
+    result = serving_benchmark(
+        args.run,
+        args.baseline,
+        relaxed=args.relaxed,
+        requests=args.requests,
+        arrivals=[args.arrival],
+        prompt_tokens=args.prompt_tokens,
+        new_tokens=args.new_tokens,
+        seed=args.seed,
+        exit_spec=args.exit,
+        max_batch=args.max_batch,
+        precision=args.precision,
+        data=args.data,
+        data_tokens=args.max_tokens,
+        log=lambda line: None,
+    )
+    report = {**result.pop("runs")[args.arrival], **result}  # one workload: the issue's JSON shape
     print(report.pop("table"))
+    overhead = report["overhead"]["recursive"]
+    print(f"engine overhead at batch {overhead['batch']}: {100 * overhead['overhead_fraction']:.1f}% of a decode token "
+          f"({overhead['engine_token_ms']:.1f} ms vs {overhead['model_token_ms']:.1f} ms for the bare model forward)")  # fmt: skip
+    if "row6/row5" in report["ratios"]:
+        print(f"row 6 / row 5: {report['ratios']['row6/row5']:.2f}")
     if "simulated" in report:
         sim = report["simulated"]
         print(f"simulated (paper's method): depthwise+oracle {sim['vs_static']['depthwise+oracle']:.2f}x static, "
               f"{sim['vs_sequence']['depthwise+oracle']:.2f}x sequence; measured row 5: "
-              f"{report['ratios']['vs_static']['5 recursive depthwise+exit']:.2f}x static")  # fmt: skip
+              f"{report['ratios']['vs_static'][ROW5]:.2f}x static")  # fmt: skip
     if args.json:
         _write_report(args.json, report)
 
@@ -471,6 +481,7 @@ def _add_serving_commands(sub: Any) -> None:
     bench = sub.add_parser("bench-serve", help="measure serving throughput against the vanilla model", description=cmd_bench_serve.__doc__)
     bench.add_argument("run", help="recursive checkpoint directory")
     bench.add_argument("--baseline", default=DEFAULT_MODEL, help=f"the original model, run with loops=1 (default: {DEFAULT_MODEL})")
+    bench.add_argument("--relaxed", help="a relaxed (LoRA) checkpoint for row 6: depth-wise + exit, and its no-exit reference")
     bench.add_argument("--requests", type=_positive_int, default=64, help="requests in the workload (default: 64)")
     bench.add_argument("--arrival", default="all", help="'all' at once or 'poisson:RATE' requests/s (default: all)")
     bench.add_argument("--prompt-tokens", type=_lengths, default=(8, 48), help="prompt length range MIN,MAX (default: 8,48)")

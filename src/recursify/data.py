@@ -209,12 +209,17 @@ def teacher_cache_path(teacher: RecursiveModel, num_tokens: int, split: str, see
     return cache_root() / "data" / f"teacher-{model_fingerprint(teacher)}" / f"{split}-n{num_tokens}-seed{seed}.jsonl"
 
 
+FUNCTION_FIELDS = ("loops", "strategy", "norms", "relax")
+
+
 def model_fingerprint(model: torch.nn.Module) -> str:
     """A cheap identity of a model's weights: architecture plus a strided sample of every tensor."""
     digest = hashlib.sha256()
-    for attr in ("arch", "recursion"):
-        if hasattr(model, attr):
-            digest.update(json.dumps(asdict(getattr(model, attr)), sort_keys=True, default=str).encode())
+    if hasattr(model, "arch"):
+        digest.update(json.dumps(asdict(model.arch), sort_keys=True, default=str).encode())
+    if hasattr(model, "recursion"):  # only what changes the function; how the weights were made (seed, init, ...) is in them
+        recursion = asdict(model.recursion)
+        digest.update(json.dumps({k: recursion.get(k) for k in FUNCTION_FIELDS}, sort_keys=True, default=str).encode())
     for name, tensor in sorted(model.state_dict().items()):
         flat = tensor.detach().reshape(-1)
         sample = flat[:: max(1, flat.numel() // 4096)].float().cpu()

@@ -36,57 +36,64 @@ WORDS = [
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path, Path]:
     root = tmp_path_factory.mktemp("serve")
     source = root / "source"
     save_tiny_checkpoint(source, "llama", seed=2)
-    run = root / "rrt"
-    recursify.convert(str(source), loops=3, init="average", rank=4, progress=False).save_pretrained(str(run))
+    run, relaxed = root / "rrt", root / "rrt-r4"
+    recursify.convert(str(source), loops=3, init="average", rank=0, progress=False).save_pretrained(str(run))
+    recursify.convert(str(source), loops=3, init="average", rank=4, progress=False).save_pretrained(str(relaxed))
     data = root / "text.jsonl"
     lines = [json.dumps({"text": " ".join(WORDS[(i + j) % len(WORDS)] for j in range(40 + i % 7))}) for i in range(120)]
     data.write_text("\n".join(lines) + "\n")
-    return source, run, data
+    return source, run, data, relaxed
 
 
-def test_bench_serve_reports_every_row_with_ratios_and_simulation(checkpoints: tuple[Path, Path, Path], tmp_path: Path) -> None:
-    source, run, data = checkpoints
+def test_bench_serve_reports_every_row_with_ratios_and_simulation(checkpoints: tuple[Path, Path, Path, Path], tmp_path: Path) -> None:
+    source, run, data, relaxed = checkpoints
     out = tmp_path / "bench.json"
-    argv = ["bench-serve", str(run), "--baseline", str(source), "--requests", "2", "--prompt-tokens", "3,6", "--new-tokens", "2,3"]
+    argv = ["bench-serve", str(run), "--baseline", str(source), "--relaxed", str(relaxed), "--requests", "2"]
+    argv += ["--prompt-tokens", "3,6", "--new-tokens", "2,3"]
     argv += ["--exit", "confidence:0.1", "--max-batch", "2", "--data", str(data), "--max-tokens", "300", "--json", str(out)]
     assert main(argv) == 0
     report = json.loads(out.read_text())
     assert report["workload"]["requests"] == 2
     rows = {row["name"]: row for row in report["rows"]}
-    assert len(rows) == 7
+    assert len(rows) == 9
     for row in rows.values():
         assert row["tokens_per_s"] > 0 and row["ttft_p50_ms"] > 0
     assert rows["2 vanilla sequence"]["agreement"] == 1.0 and rows["2 vanilla sequence"]["mean_loops"] == 1.0
     assert rows["4 recursive depthwise"]["agreement"] == 1.0 and rows["4 recursive depthwise"]["mean_loops"] == 3.0
     assert rows["1 vanilla static"]["tokens"] == rows["5 recursive depthwise+exit"]["tokens"]
     assert report["ratios"]["vs_static"]["1 vanilla static"] == 1.0
+    assert rows["6n relaxed depthwise"]["agreement"] is None and rows["6 relaxed depthwise+exit"]["agreement"] is not None
+    row6_over_row5 = rows["6 relaxed depthwise+exit"]["tokens_per_s"] / rows["5 recursive depthwise+exit"]["tokens_per_s"]
+    assert report["ratios"]["row6/row5"] == pytest.approx(row6_over_row5)
+    overhead = report["overhead"]
+    assert set(overhead) == {"recursive", "relaxed"} and 0.0 <= overhead["recursive"]["overhead_fraction"] < 1.0
     simulated = report["simulated"]
     assert set(simulated["vs_static"]) >= {"static", "sequence", "depthwise", "depthwise+oracle", "depthwise+confidence"}
     assert 1.0 <= simulated["mean_oracle_loops"] <= 3.0
 
 
-def test_simulate_prints_policies(checkpoints: tuple[Path, Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
-    _, run, data = checkpoints
+def test_simulate_prints_policies(checkpoints: tuple[Path, Path, Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    _, run, data, _ = checkpoints
     argv = ["simulate", str(run), "--data", str(data), "--max-tokens", "300", "--requests", "4", "--new-tokens", "3", "--max-batch", "2"]
     assert main(argv + ["--exit", "oracle"]) == 0
     printed = capsys.readouterr().out
     assert "depthwise+oracle" in printed and "mean loops per token" in printed
 
 
-def test_bad_serving_arguments_exit_with_status_two(checkpoints: tuple[Path, Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
-    source, run, _ = checkpoints
+def test_bad_serving_arguments_exit_with_status_two(checkpoints: tuple[Path, Path, Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    source, run, _, _ = checkpoints
     assert main(["bench-serve", str(run), "--baseline", str(source), "--arrival", "uniform:3"]) == 2
     assert "poisson:RATE" in capsys.readouterr().err
     assert main(["bench-serve", str(run), "--baseline", str(run), "--requests", "1"]) == 2
     assert "loops=1" in capsys.readouterr().err
 
 
-def test_engine_from_pretrained_streams_text(checkpoints: tuple[Path, Path, Path]) -> None:
-    _, run, _ = checkpoints
+def test_engine_from_pretrained_streams_text(checkpoints: tuple[Path, Path, Path, Path]) -> None:
+    _, run, _, _ = checkpoints
     engine = Engine.from_pretrained(str(run), batching="depthwise", max_batch=2, exit="confidence:0.9", max_kv_tokens=256)
     outputs = list(engine.generate(["hello there", "a dog"], max_new_tokens=3, stop_token_ids=[]))
     assert sorted(out.request_id for out in outputs) == ["req-0", "req-1"]

@@ -14,9 +14,11 @@ without a teacher)::
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from recursify.evaluation.exits import LoopMetrics, OracleExits
 from recursify.evaluation.multiple_choice import TaskResult
 from recursify.evaluation.perplexity import PerplexityResult
 
@@ -52,6 +54,22 @@ class EvalReport:
             out["tasks"] = {name: asdict(result) for name, result in self.tasks.items()}
         out["params"] = dict(self.params)
         return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EvalReport:
+        """Rebuild a report from its JSON (``to_dict``), e.g. to plot saved ``recursify eval --json`` results.
+
+        ``loops`` is not in the JSON; it is the number of ``per_loop`` entries (1 without them).
+        """
+        report = cls(model=data["model"], params=dict(data["params"]), loops=len(data.get("per_loop", [])) or 1)
+        if "ppl" in data:
+            ppl = data["ppl"]
+            per_loop = [LoopMetrics(**entry) for entry in data["per_loop"]] if "per_loop" in data else None
+            oracle = OracleExits(**data["oracle_exit"]) if "oracle_exit" in data else None
+            nll = math.log(ppl["value"]) * ppl["tokens"]
+            report.ppl = PerplexityResult(ppl["value"], nll, ppl["tokens"], ppl["ctx"], ppl["stride"], per_loop, oracle)
+        report.tasks = {name: TaskResult(**result) for name, result in data.get("tasks", {}).items()}
+        return report
 
     @property
     def layer_params(self) -> int:

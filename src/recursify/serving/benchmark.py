@@ -6,17 +6,24 @@ same one in real time, so rows differ only in the model, batching, exit policy a
 
 from __future__ import annotations
 
+import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
+from recursify.data import load_tokens
 from recursify.errors import ConfigError
 from recursify.modeling.model import RecursiveModel
-from recursify.serving.engine import Engine, EngineConfig, RequestOutput
+from recursify.serving.engine import Engine, EngineConfig, EngineStats, RequestOutput
+from recursify.serving.exit_policy import parse_exit_policy
+from recursify.serving.simulate import simulate
+from recursify.text import precision_context, require_tokenizer
+
+ROW5, ROW6 = "5 recursive depthwise+exit", "6 relaxed depthwise+exit"
 
 # Plain English to cut prompts from (the model's tokenizer turns it into ids).
 PROMPT_TEXT = (
@@ -219,8 +226,15 @@ def bench_serve(
     model_label: str = "recursive",
     baseline_label: str = "vanilla",
     log: Callable[[str], None] = print,
+    relaxed: RecursiveModel | None = None,
+    relaxed_label: str = "relaxed",
 ) -> dict[str, Any]:
-    """The issue's rows on one workload: vanilla static/sequence vs recursive sequence/depth-wise, with and without exits."""
+    """The issue's rows on one workload: vanilla static/sequence vs recursive sequence/depth-wise, with and without exits.
+
+    Rows 5s (KV ``share`` instead of ``propagate`` for exited tokens) and 5q (sequence-wise with
+    exits) isolate what each ingredient gives; with ``relaxed``, row 6n (the relaxed model without
+    exits, the reference for row 6's agreement) and row 6 (relaxed, depth-wise + exit) follow.
+    """
     if baseline.loops != 1:
         raise ConfigError(f"--baseline must be the original model (loops=1), got one with {baseline.loops} loops")
     plans = [
@@ -228,10 +242,15 @@ def bench_serve(
         ("2 vanilla sequence", baseline, baseline_label, "sequence", "none", "propagate", "1 vanilla static"),
         ("3 recursive sequence", model, model_label, "sequence", "none", "propagate", None),
         ("4 recursive depthwise", model, model_label, "depthwise", "none", "propagate", "3 recursive sequence"),
-        ("5 recursive depthwise+exit", model, model_label, "depthwise", exit_spec, "propagate", "3 recursive sequence"),
+        (ROW5, model, model_label, "depthwise", exit_spec, "propagate", "3 recursive sequence"),
         ("5s recursive depthwise+exit share", model, model_label, "depthwise", exit_spec, "share", "3 recursive sequence"),
         ("5q recursive sequence+exit", model, model_label, "sequence", exit_spec, "propagate", "3 recursive sequence"),
     ]
+    if relaxed is not None:
+        plans += [
+            ("6n relaxed depthwise", relaxed, relaxed_label, "depthwise", "none", "propagate", None),
+            (ROW6, relaxed, relaxed_label, "depthwise", exit_spec, "propagate", "6n relaxed depthwise"),
+        ]
     rows: list[RowResult] = []
     outputs: dict[str, dict[str, list[int]]] = {}
     for name, served, label, batching, exit_rule, kv_mode, reference in plans:
@@ -240,13 +259,119 @@ def bench_serve(
         log(f"{name}: {row.tokens_per_s:.1f} tokens/s, mean loops {row.mean_loops:.2f}, {row.wall_s:.1f}s")
         rows.append(row)
     static, sequence = rows[0].tokens_per_s, rows[1].tokens_per_s
-    ratios = {
+    ratios: dict[str, Any] = {
         "vs_static": {row.name: row.tokens_per_s / static for row in rows},
         "vs_sequence": {row.name: row.tokens_per_s / sequence for row in rows},
     }
+    if relaxed is not None:
+        ratios["row6/row5"] = rows[-1].tokens_per_s / rows[4].tokens_per_s
     return {
         "workload": workload.description,
         "rows": [row.to_dict() for row in rows],
         "ratios": ratios,
         "table": format_table(rows, ratios),
     }
+
+
+@torch.no_grad()
+def measure_overhead(
+    model: RecursiveModel, batch: int = 16, context: int = 32, tokens: int = 8, precision: str = "fp32"
+) -> dict[str, float]:
+    """Engine overhead at ``batch``: a decode token through the engine vs the bare model's cached forward.
+
+    Both decode the same ``batch`` sequences of ``context`` tokens, one token each round, in the
+    same precision; rounds alternate between the two so load drift hits both alike. The bare model
+    forward (per-depth KV cache, all loops, one head call) is the model math plus the least
+    bookkeeping any decoder needs; everything the engine spends beyond it per token (scheduling,
+    packing rows, KV pool writes and gathers, exit bookkeeping, sampling, outputs) is overhead.
+    """
+    prompts = torch.randint(1, model.arch.vocab_size, (batch, context), generator=torch.Generator().manual_seed(0))
+    engine = Engine(
+        model, batching="depthwise", max_batch=batch, exit="none", precision=precision, max_kv_tokens=batch * (context + tokens + 16)
+    )
+    for prompt in prompts.tolist():
+        engine.add_request(prompt, max_new_tokens=tokens + 2, stop_token_ids=[])
+    cache = model.new_cache(batch, context + tokens + 2)
+    with precision_context(precision, model.device):
+        next_ids = model(prompts, cache=cache, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)
+    for _ in range(model.loops):  # prefill: the first token
+        engine.step()
+    engine.stats = EngineStats()
+    engine_s = model_s = 0.0
+    for _ in range(tokens):
+        start = time.perf_counter()
+        for _ in range(model.loops):
+            engine.step()
+        middle = time.perf_counter()
+        with precision_context(precision, model.device):
+            next_ids = model(next_ids, cache=cache, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)
+        engine_s, model_s = engine_s + middle - start, model_s + time.perf_counter() - middle
+    stats = engine.stats
+    return {
+        "batch": batch,
+        "context": context,
+        "engine_token_ms": 1000 * engine_s / tokens,
+        "model_token_ms": 1000 * model_s / tokens,
+        "engine_step_ms": 1000 * engine_s / (tokens * model.loops),
+        "overhead_fraction": max(0.0, 1 - model_s / engine_s),
+        "schedule_update_fraction": (stats.schedule_s + stats.update_s) / engine_s,
+    }
+
+
+def open_or_keep(model: RecursiveModel | str) -> RecursiveModel:
+    """A model object as is; a checkpoint directory or model source opened (sources run as originals)."""
+    if isinstance(model, RecursiveModel):
+        return model
+    from recursify.cli import open_model
+
+    return open_model(model)
+
+
+def serving_benchmark(
+    model: RecursiveModel | str,
+    baseline: RecursiveModel | str = "smollm2-135m",
+    relaxed: RecursiveModel | str | None = None,
+    requests: int = 32,
+    arrivals: Sequence[str] = ("all", "poisson:4"),
+    prompt_tokens: tuple[int, int] = (8, 48),
+    new_tokens: tuple[int, int] = (16, 32),
+    seed: int = 0,
+    exit_spec: str = "confidence:0.9",
+    max_batch: int = 16,
+    precision: str = "fp32",
+    data: str | None = None,
+    data_tokens: int = 4096,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Every row on the same workload under each arrival pattern, the engine overhead, and the simulation.
+
+    Returns ``{"threads", "load_average", "runs": {arrival: {"workload", "rows", "ratios", "table"}},
+    "overhead": {...}, "simulated": {...} (only with ``data``: held-out text for exit trajectories)}``.
+    Models may be objects or paths/sources; ``model_label``s in the rows are the paths when given.
+    """
+    served, original = open_or_keep(model), open_or_keep(baseline)
+    second = open_or_keep(relaxed) if relaxed is not None else None
+    labels = [m if isinstance(m, str) else name for m, name in ((model, "recursive"), (baseline, "vanilla"), (relaxed, "relaxed"))]
+    tokenizer = require_tokenizer(served)
+    report: dict[str, Any] = {"threads": torch.get_num_threads(), "load_average": list(os.getloadavg()), "runs": {}}
+    for arrival in arrivals:
+        workload = make_workload(tokenizer, requests, arrival, seed, prompt_tokens, new_tokens)
+        log(f"== arrival {arrival}: {requests} requests ==")
+        report["runs"][arrival] = bench_serve(
+            served, original, workload, exit_spec, max_batch, precision, labels[0], labels[1], log, second, labels[2]
+        )
+    report["overhead"] = {
+        label: measure_overhead(m, max_batch, precision=precision) for label, m in (("recursive", served), ("relaxed", second)) if m
+    }
+    if data is not None:
+        tokens = load_tokens(data, tokenizer, split="heldout", max_tokens=data_tokens)
+        lengths = make_workload(tokenizer, requests, "all", seed, prompt_tokens, new_tokens).max_new_tokens
+        sim = simulate(served, tokens, parse_exit_policy(exit_spec, served.loops), lengths, max_batch)
+        measured = report["runs"][arrivals[0]]["ratios"]
+        sim["measured"] = {
+            "arrival": arrivals[0],
+            "5 vs static": measured["vs_static"][ROW5],
+            "5 vs sequence": measured["vs_sequence"][ROW5],
+        }
+        report["simulated"] = sim
+    return report
