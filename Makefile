@@ -24,10 +24,7 @@ test: lint
 	$(PY) -m pytest
 
 demo: setup
-	$(VENV)/bin/recursify generate smollm2-135m --prompt "The capital of France is" --max-new-tokens 20
-	$(VENV)/bin/recursify convert --model smollm2-135m --loops 3 --init average --rank 64 --out runs/rrt --overwrite
-	$(VENV)/bin/recursify info runs/rrt
-	$(VENV)/bin/recursify generate runs/rrt --prompt "The capital of France is" --max-new-tokens 20
+	$(VENV)/bin/recursify demo --out runs/demo --minutes 20
 
 bench: setup
 	$(PY) benchmarks/convert_speed.py

@@ -58,7 +58,7 @@ def test_convert_writes_a_loadable_checkpoint(converted: Path) -> None:
 def test_info_json_contract(converted: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["info", str(converted), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert set(info["params"]) == {"embedding", "non_embedding", "lora", "total", "source_total", "ratio"}
+    assert set(info["params"]) == {"embedding", "non_embedding", "lora", "total", "source_total", "ratio", "frozen"}
     for key in ("loops", "unique_layers", "strategy", "init", "rank", "source"):
         assert key in info
     assert (info["loops"], info["unique_layers"], info["strategy"], info["init"], info["rank"]) == (3, 2, "cycle", "average", 4)

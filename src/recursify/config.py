@@ -23,6 +23,23 @@ LORA_INITS: tuple[str, ...] = ("svd", "asvd", "zero")
 SHARED_FITS: tuple[str, ...] = ("init", "lsq")
 NORM_MODES: tuple[str, ...] = ("per-depth", "tied", "fold")
 LINEARS: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
+RELAX_KINDS: tuple[str, ...] = ("lora", "lora-xs", "prefix:N", "bias")
+
+
+def parse_relax(spec: str) -> tuple[str, int]:
+    """("lora" | "lora-xs" | "prefix" | "bias", prefix tokens) from a ``--relax`` spec such as "prefix:64".
+
+    Raises:
+        ConfigError: an unknown kind, or a prefix length that is not a positive integer.
+    """
+    kind, _, count = spec.partition(":")
+    if kind == "prefix":
+        if not count.isdigit() or int(count) < 1:
+            raise ConfigError(f"--relax prefix:N needs a positive number of prefix tokens N, got {spec!r}")
+        return kind, int(count)
+    if count or kind not in RELAX_KINDS:
+        raise ConfigError(f"unknown relaxation {spec!r}; choose one of: {', '.join(RELAX_KINDS)}")
+    return kind, 0
 
 
 @dataclass
@@ -104,6 +121,11 @@ class RecursionConfig:
         calib: the calibration data spec used by asvd / lsq / the budget ("" = none).
         calib_tokens: calibration tokens actually used.
         lora_params: the LoRA parameter budget that chose ``layer_ranks`` (0 = none).
+        relax: how depths are relaxed from the tied weights: "lora" (per-depth LoRA, trainable
+            A and B), "lora-xs" (fixed A and B from the SVD, a trainable r x r matrix per depth),
+            "prefix:N" (N learned key/value prefix tokens per depth, no LoRA) or "bias" (a
+            bias vector per depth on every linear, no LoRA); see ``conversion/relax_init.py`` and
+            ``modeling/prefix.py``.
     """
 
     loops: int = 1
@@ -120,8 +142,10 @@ class RecursionConfig:
     calib: str = ""
     calib_tokens: int = 0
     lora_params: int = 0
+    relax: str = "lora"
 
     def __post_init__(self) -> None:
+        parse_relax(self.relax)
         _check_choice("strategy", self.strategy, STRATEGIES)
         _check_choice("init", self.init, SHARED_INITS)
         _check_choice("lora_init", self.lora_init, LORA_INITS)
@@ -135,8 +159,19 @@ class RecursionConfig:
 
     @property
     def relaxed(self) -> bool:
-        """True when any linear carries a per-depth LoRA."""
-        return any(r > 0 for r in self.ranks.values()) or any(r > 0 for r in self.layer_ranks.values())
+        """True when depths differ by more than their norms: a per-depth LoRA, prefix or bias."""
+        has_lora = any(r > 0 for r in self.ranks.values()) or any(r > 0 for r in self.layer_ranks.values())
+        return has_lora or self.relax_kind in ("prefix", "bias")
+
+    @property
+    def relax_kind(self) -> str:
+        """The relaxation kind: "lora", "lora-xs", "prefix" or "bias"."""
+        return parse_relax(self.relax)[0]
+
+    @property
+    def prefix_tokens(self) -> int:
+        """Learned key/value prefix tokens per depth (0 unless ``relax`` is "prefix:N")."""
+        return parse_relax(self.relax)[1]
 
     def rank_of(self, layer: int, linear: str) -> int:
         """LoRA rank of one linear of one shared layer."""

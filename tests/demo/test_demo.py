@@ -86,6 +86,17 @@ def test_rerun_reuses_every_step(finished: Path, source: Path, capsys: pytest.Ca
     assert after["models"] == json.loads(before)["models"]
 
 
+def test_interrupted_uptraining_resumes_from_its_checkpoint(finished: Path, source: Path) -> None:
+    """A kill after the last checkpoint but before the step's marker: the rerun resumes, it does not retrain."""
+    key = "uptrain--relaxed-l3-svd-r64"
+    (finished / "state" / f"{key}.json").unlink()
+    argv = ["demo", "--quick", "--model", str(source), "--out", str(finished), "--tasks", str(source / "tiny_mc" / "task.json")]
+    assert main(argv) == 0
+    last_command = (finished / "logs" / f"{key}.log").read_text().splitlines()
+    assert [line for line in last_command if line.startswith("$ ")][-1].endswith("--resume")
+    assert json.loads((finished / "state" / f"{key}.json").read_text())["command"].endswith(str(finished / "uptrain" / "relaxed-l3-svd-r64"))
+
+
 def test_changed_options_are_refused_in_one_line(finished: Path, source: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--quick", "--model", str(source), "--out", str(finished), "--seed", "3"]) == 2
     err = capsys.readouterr().err

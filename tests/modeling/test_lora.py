@@ -10,20 +10,21 @@ from recursify.modeling.lora import DepthLinear, DepthRMSNorm, lora_delta
 VISITS, RANK, FAN_IN, FAN_OUT = 3, 4, 10, 7
 
 
-@pytest.fixture
-def linear() -> DepthLinear:
+@pytest.fixture(params=[False, True], ids=["lora", "lora-xs"])
+def linear(request: pytest.FixtureRequest) -> DepthLinear:
     torch.manual_seed(0)
-    module = DepthLinear(FAN_IN, FAN_OUT, VISITS, RANK, bias=True, bias_delta=True)
+    module = DepthLinear(FAN_IN, FAN_OUT, VISITS, RANK, bias=True, bias_delta=True, fixed_factors=request.param)
     with torch.no_grad():
-        for param in module.parameters():
-            param.copy_(torch.randn_like(param))
+        for tensor in [*module.parameters(), *module.buffers()]:
+            tensor.copy_(torch.randn_like(tensor))
     return module
 
 
 def reference(module: DepthLinear, x: torch.Tensor, visit: int) -> torch.Tensor:
     """Materialise depth ``visit``'s full weight and bias, then one plain linear."""
     assert module.lora_A is not None and module.lora_B is not None and module.bias is not None and module.bias_delta is not None
-    weight = module.weight + module.lora_B[visit] @ module.lora_A[visit]
+    core = module.lora_A[visit] if module.lora_R is None else module.lora_R[visit] @ module.lora_A[visit]
+    weight = module.weight + module.lora_B[visit] @ core
     return torch.nn.functional.linear(x, weight, module.bias + module.bias_delta[visit])
 
 
@@ -48,6 +49,13 @@ def test_per_token_visits_match_per_depth_references(linear: DepthLinear) -> Non
         for t in range(8):
             expected[b, t] = reference(linear, x[b, t][None, None], int(visits[b, t]))[0, 0]
     torch.testing.assert_close(linear(x, visits), expected)
+
+
+def test_lora_xs_trains_only_its_cores() -> None:
+    module = DepthLinear(FAN_IN, FAN_OUT, VISITS, RANK, bias=False, bias_delta=False, fixed_factors=True)
+    assert {name for name, _ in module.named_parameters()} == {"weight", "lora_R"}
+    assert {name for name, _ in module.named_buffers()} == {"lora_A", "lora_B"}
+    assert module.lora_R is not None and module.lora_R.shape == (VISITS, RANK, RANK)
 
 
 def test_lora_delta_forms_agree() -> None:

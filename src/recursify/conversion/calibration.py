@@ -31,14 +31,19 @@ _HOOKED = {"attn_in": "q", "o_in": "o", "mlp_in": "gate", "down_in": "down"}
 
 @dataclass
 class Calibration:
-    """Input second moments C [in, in] (float64) per (depth, input kind), from ``tokens`` tokens."""
+    """Input second moments C [in, in] and means E[x] [in] (float64) per (depth, input kind), from ``tokens`` tokens."""
 
     grams: dict[tuple[int, str], torch.Tensor]
     tokens: int
+    means: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
     _whitenings: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     def gram(self, depth: int, linear: str) -> torch.Tensor:
         return self.grams[(depth, INPUT_OF[linear])]
+
+    def mean(self, depth: int, linear: str) -> torch.Tensor:
+        """E[x] of this depth's input (what a per-depth bias can absorb: (W_d - W') E[x])."""
+        return self.means[(depth, INPUT_OF[linear])]
 
     def whitening(self, depth: int, linear: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(S, S^-1) of this depth's input; computed once per input, shared by q/k/v and gate/up."""
@@ -59,6 +64,7 @@ def calibrate(model: RecursiveModel, sequences: torch.Tensor, batch_size: int = 
     if sequences.dim() != 2 or sequences.numel() == 0:
         raise ConfigError("calibration needs a non-empty [num_sequences, seq_len] token tensor; give more --calib data")
     sums: dict[tuple[int, str], torch.Tensor] = {}
+    firsts: dict[tuple[int, str], torch.Tensor] = {}
     handles = []
     for depth in range(model.num_depths):
         layer = model.shared_layer(depth)
@@ -66,8 +72,9 @@ def calibrate(model: RecursiveModel, sequences: torch.Tensor, batch_size: int = 
 
             def accumulate(_module: torch.nn.Module, args: tuple[torch.Tensor, ...], key: tuple[int, str] = (depth, kind)) -> None:
                 x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-                product = (x.T @ x).double()
+                product, total = (x.T @ x).double(), x.double().sum(0)
                 sums[key] = sums[key] + product if key in sums else product
+                firsts[key] = firsts[key] + total if key in firsts else total
 
             handles.append(layer.linear(linear).register_forward_pre_hook(accumulate))
     try:
@@ -78,7 +85,11 @@ def calibrate(model: RecursiveModel, sequences: torch.Tensor, batch_size: int = 
         for handle in handles:
             handle.remove()
     count = sequences.numel()
-    return Calibration(grams={key: total / count for key, total in sums.items()}, tokens=count)
+    return Calibration(
+        grams={key: total / count for key, total in sums.items()},
+        tokens=count,
+        means={key: total / count for key, total in firsts.items()},
+    )
 
 
 DAMPING = 1e-3  # relative to the mean input energy; float32 batch products leave ~1e-7 relative noise

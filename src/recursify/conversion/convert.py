@@ -8,10 +8,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from recursify.config import LINEARS, ArchConfig, RecursionConfig
+from recursify.config import LINEARS, ArchConfig, RecursionConfig, parse_relax
 from recursify.conversion.calibration import Calibration, calibrate, damped, weighted_error
 from recursify.conversion.lora_init import asvd_lora, resolve_ranks, squared_singular_values, svd_lora, zero_lora
 from recursify.conversion.rank_budget import allocate_ranks, parse_budget
+from recursify.conversion.relax_init import bias_init, check_relax_options, xs_factors
 from recursify.conversion.shared_fit import lsq_shared
 from recursify.conversion.tying import init_sources, tie
 from recursify.conversion.weight_map import OriginalWeights, arch_from_hf, split_state_dict
@@ -39,6 +40,7 @@ def convert(
     calib_tokens: int = 16384,
     lora_params: int | str | None = None,
     lsq_rounds: int = 2,
+    relax: str = "lora",
 ) -> RecursiveModel:
     """Turn a pretrained decoder into a (relaxed) recursive model.
 
@@ -61,12 +63,16 @@ def convert(
         lora_params: a LoRA parameter budget (e.g. "8M") that replaces ``rank``: ranks per shared
             layer and linear are chosen to retain the most (whitened) residual energy.
         lsq_rounds: alternation rounds of ``shared_init="lsq"``.
+        relax: "lora" (default), "lora-xs" (frozen (a)svd factors, trainable r x r cores; needs
+            ``rank``), "prefix:N" (learned key/value prefixes) or "bias" (per-depth biases, with
+            ``calib`` initialised to the least-squares bias); see ``conversion/relax_init.py``.
     """
     from recursify.sources import LoadedSource, load_source
 
     data_aware = lora_init == "asvd" or shared_init == "lsq"
     if data_aware and not calib:
         raise ConfigError("--lora-init asvd and --shared-init lsq need calibration data: pass --calib (e.g. teacher:16k or a .txt file)")
+    check_relax_options(parse_relax(relax)[0], rank, lora_params)
     budget = parse_budget(lora_params) if lora_params is not None else None
 
     def recursion_for(hf_config: Any) -> tuple[ArchConfig, RecursionConfig]:
@@ -86,6 +92,7 @@ def convert(
             lsq_rounds=lsq_rounds,
             calib=calib if isinstance(calib, str) else ("precomputed" if calib else ""),
             lora_params=budget or 0,
+            relax=relax,
         )
 
     if hasattr(source, "state_dict") and hasattr(source, "config"):
@@ -240,6 +247,10 @@ def recursive_state_dict(
                 bar.update()
             for norm in norm_names(arch):
                 state[f"layers.{index}.{norm}.weight"] = tying.norm(norm, norm_is_tied(recursion, norm), 1.0 - arch.norm_offset)
+            if recursion.prefix_tokens:  # zero keys and values: see modeling/prefix.py
+                shape = (len(tying.depths), arch.num_kv_heads, recursion.prefix_tokens, arch.head_dim)
+                state[f"layers.{index}.prefix.prefix_keys"] = torch.zeros(shape)
+                state[f"layers.{index}.prefix.prefix_values"] = torch.zeros(shape)
     if report is not None and calibration is not None:
         report["relative_error"] = errors
         report["calib_tokens"] = calibration.tokens
@@ -296,7 +307,10 @@ class _LayerTying:
                 shared = lsq_shared(targets, grams)
                 factors = self.factors(name, weights, shared, rank) if rank > 0 else []
         out = {prefix + "weight": shared}
-        if factors:
+        if factors and self.recursion.relax_kind == "lora-xs":
+            fixed = [xs_factors(a, b, self.generator) for a, b in factors]
+            out.update({prefix + key: torch.stack([f[i] for f in fixed]) for i, key in enumerate(("lora_A", "lora_B", "lora_R"))})
+        elif factors:
             out[prefix + "lora_A"] = torch.stack([a for a, _ in factors])
             out[prefix + "lora_B"] = torch.stack([b for _, b in factors])
         if self.calibration is not None:
@@ -304,12 +318,23 @@ class _LayerTying:
                 effective = shared + (factors[visit][1] @ factors[visit][0] if factors else 0.0)
                 gram = self.calibration.gram(depth, name)
                 errors[depth] = weighted_error(weight - effective, gram) / max(weighted_error(weight, gram), 1e-30)
-        if f"{name}.bias" in self.layers[0]:
-            bias = self.shared(f"{name}.bias", fill=0.0)
+        biased = f"{name}.bias" in self.layers[0]
+        bias = self.shared(f"{name}.bias", fill=0.0) if biased else None
+        if bias is not None:
             out[prefix + "bias"] = bias
-            if self.recursion.relaxed and self.recursion.loops > 1:
-                out[prefix + "bias_delta"] = torch.stack([self.layers[d][f"{name}.bias"] - bias for d in self.depths])
+        if self.recursion.relaxed and self.recursion.loops > 1 and (biased or self.recursion.relax_kind == "bias"):
+            out[prefix + "bias_delta"] = torch.stack(
+                [self.bias_residual(name, d, w, shared, bias) for d, w in zip(self.depths, weights, strict=True)]
+            )
         return out
+
+    def bias_residual(self, name: str, depth: int, weight: torch.Tensor, shared: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Depth ``depth``'s bias residual: b_d - b' (biased families), plus (W_d - W') E[x] for ``--relax bias``."""
+        residual = self.layers[depth][f"{name}.bias"] - bias if bias is not None else torch.zeros(weight.shape[0])
+        if self.recursion.relax_kind != "bias":
+            return residual
+        means = self.calibration.mean(depth, name) if self.calibration is not None and self.calibration.means else None
+        return residual + bias_init(weight, shared, means)
 
     def norm(self, name: str, tied: bool, unit_gain: float) -> torch.Tensor:
         """Norm gains [slots, dim]: one tied slot, or every served depth's own gain."""

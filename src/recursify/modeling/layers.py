@@ -15,6 +15,7 @@ from torch import nn
 from recursify.config import ArchConfig
 from recursify.modeling.kv_cache import KVCache
 from recursify.modeling.lora import DepthLinear, DepthRMSNorm, Visit
+from recursify.modeling.prefix import DepthPrefix
 
 # Norms that sit right before linears: their gains can be folded into those linears.
 FOLDABLE_NORMS: dict[str, tuple[str, ...]] = {"attn_norm": ("q", "k", "v"), "mlp_norm": ("gate", "up")}
@@ -57,17 +58,34 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class SharedLayer(nn.Module):
-    """One unique layer. ``visits`` = how many depths it serves; norm slots are 1 (tied) or visits."""
+    """One unique layer. ``visits`` = how many depths it serves; norm slots are 1 (tied) or visits.
 
-    def __init__(self, arch: ArchConfig, visits: int, ranks: dict[str, int], norm_slots: dict[str, int], bias_delta: bool):
+    ``relax`` (RecursionConfig.relax_kind) adds what differs per visit beyond the norms: LoRA
+    ("lora"; with ``ranks``), fixed LoRA factors with a trainable r x r core ("lora-xs"), a bias
+    vector on every linear ("bias"), or ``prefix_tokens`` learned keys/values ("prefix").
+    """
+
+    def __init__(
+        self,
+        arch: ArchConfig,
+        visits: int,
+        ranks: dict[str, int],
+        norm_slots: dict[str, int],
+        bias_delta: bool,
+        relax: str = "lora",
+        prefix_tokens: int = 0,
+    ):
         super().__init__()
         self.arch = arch
         for name, (fan_in, fan_out) in linear_shapes(arch).items():
             has_bias = arch.attention_bias and name in ("q", "k", "v")
-            self.add_module(name, DepthLinear(fan_in, fan_out, visits, ranks.get(name, 0), has_bias, has_bias and bias_delta))
+            per_visit_bias = bias_delta and (has_bias or relax == "bias")
+            linear = DepthLinear(fan_in, fan_out, visits, ranks.get(name, 0), has_bias, per_visit_bias, fixed_factors=relax == "lora-xs")
+            self.add_module(name, linear)
         for name in norm_names(arch):
             dim = arch.head_dim if name in ("q_norm", "k_norm") else arch.hidden_size
             self.add_module(name, DepthRMSNorm(dim, norm_slots[name], arch.rms_norm_eps, arch.norm_offset))
+        self.prefix = DepthPrefix(visits, arch.num_kv_heads, prefix_tokens, arch.head_dim) if prefix_tokens else None
 
     def linear(self, name: str) -> DepthLinear:
         module = getattr(self, name)
@@ -112,7 +130,10 @@ class SharedLayer(nn.Module):
         q, k, v = self.project_qkv(x, visit, ctx.rope[layer_type])
         if ctx.cache is not None:
             k, v = ctx.cache.update(depth, k, v)
-        out = scaled_attention(q, k, v, ctx.masks[layer_type], self.arch.attn_scale, self.arch.attn_softcap)
+        mask = ctx.masks[layer_type]
+        if self.prefix is not None:
+            k, v, mask = self.prefix.prepend(k, v, mask, visit)
+        out = scaled_attention(q, k, v, mask, self.arch.attn_scale, self.arch.attn_softcap)
         return self.linear("o")(out.transpose(1, 2).reshape(batch, seq, -1), visit)
 
     def mlp(self, x: torch.Tensor, visit: Visit) -> torch.Tensor:

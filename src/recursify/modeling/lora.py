@@ -17,39 +17,53 @@ Visit = int | torch.Tensor
 
 
 class DepthLinear(nn.Module):
-    """``y = x W'^T + b' + B_v A_v x + delta_b_v`` with W', b' shared and (A_v, B_v, delta_b_v) per visit.
+    """``y = x W'^T + b' + B_v M_v A_v x + delta_b_v`` with W', b' shared and the rest per visit.
 
     Shapes: weight [out, in]; lora_A [visits, r, in]; lora_B [visits, out, r]; bias_delta [visits, out].
+    With ``fixed_factors`` (LoRA-XS), A and B are frozen buffers (stored, never trained) and the
+    trainable part is ``lora_R`` [visits, r, r] between them; otherwise M_v = I and A, B train.
     """
 
-    def __init__(self, in_features: int, out_features: int, visits: int, rank: int, bias: bool, bias_delta: bool):
+    lora_A: torch.Tensor | None
+    lora_B: torch.Tensor | None
+
+    def __init__(
+        self, in_features: int, out_features: int, visits: int, rank: int, bias: bool, bias_delta: bool, fixed_factors: bool = False
+    ):
         super().__init__()
         self.in_features, self.out_features, self.visits, self.rank = in_features, out_features, visits, rank
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-        self.lora_A = nn.Parameter(torch.zeros(visits, rank, in_features)) if rank > 0 else None
-        self.lora_B = nn.Parameter(torch.zeros(visits, out_features, rank)) if rank > 0 else None
+        self.lora_R = nn.Parameter(torch.zeros(visits, rank, rank)) if rank > 0 and fixed_factors else None
+        a, b = torch.zeros(visits, rank, in_features), torch.zeros(visits, out_features, rank)
+        if rank > 0 and fixed_factors:
+            self.register_buffer("lora_A", a)
+            self.register_buffer("lora_B", b)
+        else:
+            self.lora_A, self.lora_B = (nn.Parameter(a), nn.Parameter(b)) if rank > 0 else (None, None)
         self.bias_delta = nn.Parameter(torch.zeros(visits, out_features)) if bias_delta else None
 
     def forward(self, x: torch.Tensor, visit: Visit) -> torch.Tensor:
         """x: [batch, seq, in]; visit: int, LongTensor [batch] or [batch, seq]."""
         y = nn.functional.linear(x, self.weight, self.bias)
         if self.lora_A is not None and self.lora_B is not None:
-            y = y + lora_delta(x, self.lora_A, self.lora_B, visit)
+            y = y + lora_delta(x, self.lora_A, self.lora_B, visit, self.lora_R)
         if self.bias_delta is not None:
             delta = self.bias_delta[visit]  # (out,), (batch, out) or (batch, seq, out)
             y = y + (delta[:, None, :] if isinstance(visit, torch.Tensor) and visit.dim() == 1 else delta)
         return y
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, visits={self.visits}, rank={self.rank}"
+        xs = ", fixed factors" if self.lora_R is not None else ""
+        return f"in={self.in_features}, out={self.out_features}, visits={self.visits}, rank={self.rank}{xs}"
 
 
-def lora_delta(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, visit: Visit) -> torch.Tensor:
-    """The LoRA term ``B_v A_v x`` at one visit for the batch, per row, or per token.
+def lora_delta(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, visit: Visit, mix: torch.Tensor | None = None) -> torch.Tensor:
+    """The LoRA term ``B_v A_v x`` (``B_v M_v A_v x`` with a LoRA-XS ``mix``) at one visit for the batch, per row, or per token.
 
-    x: [batch, seq, in]; lora_A: [visits, r, in]; lora_B: [visits, out, r];
-    visit: int, LongTensor [batch] or LongTensor [batch, seq].
+    x: [batch, seq, in]; lora_A: [visits, r, in]; lora_B: [visits, out, r]; mix: [visits, r, r] or None;
+    visit: int, LongTensor [batch] or LongTensor [batch, seq]. The r x r ``mix`` is applied in
+    the rank-r space between the two projections, where it costs r^2 per token.
     Per row, the factors are gathered ([batch, r, in]) for two bmm calls. Per token (a depth-mixed
     serving batch), gathering [r, in] per token would read more bytes than it computes, and
     projecting every token through every visit's A costs visits x the FLOPs; instead the tokens
@@ -57,16 +71,22 @@ def lora_delta(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, visi
     tokens), and the results are scattered back (benchmarks/lora_gather.py measures all three).
     """
     if isinstance(visit, int):
-        return (x @ lora_A[visit].transpose(0, 1)) @ lora_B[visit].transpose(0, 1)
+        projected = x @ lora_A[visit].transpose(0, 1)
+        if mix is not None:
+            projected = projected @ mix[visit].transpose(0, 1)
+        return projected @ lora_B[visit].transpose(0, 1)
     if visit.dim() == 1:
         a = lora_A[visit]  # (batch, r, in)
         b = lora_B[visit]  # (batch, out, r)
-        return torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
+        projected = torch.bmm(x, a.transpose(1, 2))  # (batch, seq, r)
+        if mix is not None:
+            projected = torch.bmm(projected, mix[visit].transpose(1, 2))
+        return torch.bmm(projected, b.transpose(1, 2))
     flat, visits = x.reshape(-1, x.shape[-1]), visit.reshape(-1)  # (tokens, in), (tokens,)
     order = torch.argsort(visits, stable=True)
     counts = torch.bincount(visits, minlength=lora_A.shape[0]).tolist()
     grouped = flat[order].split(counts)
-    parts = [lora_delta(rows, lora_A, lora_B, v) for v, rows in enumerate(grouped) if rows.shape[0]]
+    parts = [lora_delta(rows, lora_A, lora_B, v, mix) for v, rows in enumerate(grouped) if rows.shape[0]]
     delta = torch.empty(flat.shape[0], lora_B.shape[1], dtype=parts[0].dtype, device=x.device)
     delta[order] = torch.cat(parts)
     return delta.reshape(*x.shape[:-1], lora_B.shape[1])

@@ -75,7 +75,7 @@ class RecursiveModel(nn.Module):
             visits = len(depths_of_layer(self.schedule, layer))
             slots = norm_slot_counts(arch, recursion, visits)
             ranks = {name: recursion.rank_of(layer, name) for name in LINEARS}
-            layers.append(SharedLayer(arch, visits, ranks, slots, bias_delta))
+            layers.append(SharedLayer(arch, visits, ranks, slots, bias_delta, recursion.relax_kind, recursion.prefix_tokens))
         self.embed = nn.Embedding(arch.vocab_size, arch.hidden_size)
         self.layers = nn.ModuleList(layers)
         self.final_norm = DepthRMSNorm(arch.hidden_size, 1, arch.rms_norm_eps, arch.norm_offset)
@@ -179,13 +179,20 @@ class RecursiveModel(nn.Module):
         return KVCache(self.num_depths, batch_size, self.arch.num_kv_heads, self.arch.head_dim, max_len)
 
     def param_counts(self) -> dict[str, int | float]:
-        """Embedding / non-embedding / LoRA / total parameters and the ratio to the source model."""
+        """Parameters by group, the total and its ratio to the source model, and stored frozen tensors.
+
+        "lora" counts every trainable per-depth relaxation parameter (LoRA A/B, LoRA-XS cores,
+        bias residuals, prefixes); "frozen" counts the fixed LoRA-XS factors, which are stored in
+        the checkpoint and used in every forward but are buffers, never trained, and not part of
+        "total" (nor of the ratio).
+        """
         counts = {"embedding": 0, "non_embedding": 0, "lora": 0}
         for name, param in self.named_parameters():
             counts[parameter_group(name)] += param.numel()
         total = sum(counts.values())
         source_total = self.source.total_params or total
-        return {**counts, "total": total, "source_total": source_total, "ratio": total / source_total}
+        frozen = sum(buffer.numel() for name, buffer in self.named_buffers() if name.endswith((".lora_A", ".lora_B")))
+        return {**counts, "total": total, "source_total": source_total, "ratio": total / source_total, "frozen": frozen}
 
     def generate(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """Generate continuations; see ``recursify.modeling.generation.generate`` for the options."""
@@ -214,6 +221,6 @@ def parameter_group(name: str) -> str:
     """Which accounting group a parameter belongs to (METHOD.md section 3)."""
     if name.startswith(("embed.", "lm_head.")):
         return "embedding"
-    if name.rsplit(".", 1)[-1] in ("lora_A", "lora_B", "bias_delta"):
+    if name.rsplit(".", 1)[-1] in ("lora_A", "lora_B", "lora_R", "bias_delta", "prefix_keys", "prefix_values"):
         return "lora"
     return "non_embedding"

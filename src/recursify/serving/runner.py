@@ -210,6 +210,9 @@ class ModelRunner:
         sliding = torch.tensor([arch.layer_types[depth] == "sliding_attention" for depth in depths.tolist()])[:, None, None, None]
         if arch.sliding_window is not None and bool(sliding.any()):
             allowed = allowed & (~sliding | (key_pos > query_pos - arch.sliding_window))
+        prefix = self.model.shared_layer(k).prefix
+        if prefix is not None:  # per-depth learned keys/values (--relax prefix:N), visit = loop
+            keys, values, allowed = prefix.prepend(keys, values, allowed, torch.tensor([item.loop for item in items]))
         return scaled_attention(q, keys.to(q.dtype), values.to(q.dtype), allowed, arch.attn_scale, arch.attn_softcap)
 
     # --- after the loop ---------------------------------------------------------------------
