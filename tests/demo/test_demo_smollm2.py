@@ -8,10 +8,10 @@ import time
 from pathlib import Path
 
 import pytest
+from test_demo import numbers
 
 from recursify.cli import main
 from recursify.demo.report import HEADLINE_KEYS, PLOTS
-from test_demo import numbers
 
 pytestmark = pytest.mark.slow
 
