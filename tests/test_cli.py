@@ -162,3 +162,25 @@ def test_info_on_a_source_model_describes_the_original(source_dir: Path, capsys:
     info = json.loads(capsys.readouterr().out)
     assert info["loops"] == 1 and info["unique_layers"] == 6
     assert info["params"]["ratio"] == 1.0 and info["params"]["lora"] == 0
+
+
+def test_relax_variants_on_the_command_line(source_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "xs"
+    assert (
+        main(["convert", "--model", str(source_dir), "--loops", "3", "--relax", "lora-xs", "--rank", "4", "--out", str(out), "--quiet"])
+        == 0
+    )
+    assert main(["info", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "lora-xs" in table and "frozen (fixed)" in table
+    assert "positive --rank" in run_error(
+        ["convert", "--model", str(source_dir), "--relax", "lora-xs", "--out", str(tmp_path / "x")], capsys
+    )
+    assert "no LoRA" in run_error(
+        ["convert", "--model", str(source_dir), "--relax", "bias", "--rank", "4", "--out", str(tmp_path / "x")], capsys
+    )
+    for spec in ("prefix:0", "prefix:abc", "lora-sx"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["convert", "--relax", spec, "--out", "x"])
+        assert exit_info.value.code == 2
+    assert "positive number of prefix tokens" in capsys.readouterr().err

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from recursify.config import LORA_INITS, NORM_MODES, SHARED_FITS, SHARED_INITS, STRATEGIES
+from recursify.config import LORA_INITS, NORM_MODES, SHARED_FITS, SHARED_INITS, STRATEGIES, parse_relax
 from recursify.errors import ConfigError, RecursifyError
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -23,6 +23,14 @@ def _rank(value: str) -> int | str:
     if not value.isdigit():
         raise argparse.ArgumentTypeError(f"rank must be a non-negative integer or 'full', got {value!r}")
     return int(value)
+
+
+def _relax(value: str) -> str:
+    try:
+        parse_relax(value)
+    except ConfigError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return value
 
 
 def _positive_int(value: str) -> int:
@@ -54,6 +62,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
         calib_tokens=args.calib_tokens,
         lora_params=args.lora_params,
         lsq_rounds=args.lsq_rounds,
+        relax=args.relax,
     )
     model.save_pretrained(args.out, overwrite=args.overwrite)
     if not args.quiet:
@@ -89,6 +98,7 @@ def info_dict(model: Any) -> dict[str, Any]:
         "calib_tokens": recursion.calib_tokens,
         "lora_params": recursion.lora_params,
         "layer_ranks": recursion.layer_ranks,
+        "relax": recursion.relax,
         "report": model.report,
     }
 
@@ -103,13 +113,16 @@ def format_info(info: dict[str, Any]) -> str:
         ("total", params["total"]),
         ("source total", params["source_total"]),
     ]
+    if params.get("frozen"):  # LoRA-XS factors: stored and used, never trained
+        rows.insert(3, ("frozen (fixed)", params["frozen"]))
     capped = {name: r for name, r in info["ranks"].items() if isinstance(info["rank"], int) and r < info["rank"]}
     rank_note = f" (capped at full rank: {', '.join(f'{n}={r}' for n, r in capped.items())})" if capped else ""
     lines = [
         f"source      {info['source']} ({info['family']})",
         f"recursion   {info['loops']} loops x {info['unique_layers']} unique layers = {info['depths']} depths, "
         f"strategy {info['strategy']}, init {info['init']}",
-        f"relaxation  rank {info['rank']}{rank_note}, {info['lora_init']} init, norms {info['norms']}, shared {info['shared_init']}",
+        f"relaxation  {info.get('relax', 'lora')}, rank {info['rank']}{rank_note}, {info['lora_init']} init, "
+        f"norms {info['norms']}, shared {info['shared_init']}",
         "",
         f"{'parameters':<15}{'count':>14}{'millions':>10}",
     ]
@@ -367,6 +380,13 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--calib-tokens", type=_positive_int, default=16384, help="calibration tokens (default: 16384)")
     convert.add_argument("--lora-params", default=None, help="LoRA parameter budget (e.g. 8M) instead of --rank: ranks chosen per layer")
     convert.add_argument("--lsq-rounds", type=_positive_int, default=2, help="lsq / asvd alternation rounds (default: 2)")
+    convert.add_argument(
+        "--relax",
+        type=_relax,
+        default="lora",
+        help="per-depth relaxation: lora (default), lora-xs (frozen SVD factors, trainable r x r cores; needs --rank), "
+        "prefix:N (N learned key/value tokens per depth) or bias (a bias per depth on every linear)",
+    )
     convert.add_argument("--seed", type=int, default=0, help="seed for random init (default: 0)")
     convert.add_argument("--out", required=True, help="output directory")
     convert.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
