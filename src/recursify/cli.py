@@ -188,7 +188,8 @@ def cmd_uptrain(args: argparse.Namespace) -> None:
     teacher = None if args.no_teacher else (args.teacher or default_teacher(args.student))
     kd_weight = args.kd_weight if args.kd_weight is not None else (1.0 if teacher else 0.0)
     loss = LossConfig(args.kd, kd_weight, args.temperature, args.exit_loss, args.self_distill)
-    fields = ["tokens", "seq_len", "batch_tokens", "micro_batch", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "clip"]
+    fields = ["tokens", "cpu_minutes", "seq_len", "batch_tokens", "micro_batch", "lr", "min_lr_ratio", "warmup_steps"]
+    fields += ["weight_decay", "clip"]
     fields += ["exit_ensemble", "precision", "gradient_checkpointing", "save_every", "eval_every", "eval_tokens", "seed"]
     options = {name: getattr(args, name) for name in fields}
     config = UptrainConfig(args.student, args.out, teacher, args.data, loss=loss, freeze=args.freeze or [], **options)
@@ -215,6 +216,7 @@ def _add_training_commands(sub: Any) -> None:
     up.add_argument("--no-teacher", action="store_true", help="train on cross-entropy only (needs --data)")
     up.add_argument("--data", help="file, directory, teacher:N, hf:NAME[:CONFIG] (default: teacher:<--tokens>)")
     up.add_argument("--tokens", type=_count, default=1_000_000, help="training tokens, e.g. 2M (default: 1M)")
+    up.add_argument("--cpu-minutes", type=float, default=None, help="also stop after this many CPU-minutes of training (process time)")
     up.add_argument("--seq-len", type=_positive_int, default=512, help="tokens per row (default: 512)")
     up.add_argument("--batch-tokens", type=_count, default=16_384, help="tokens per optimizer step (default: 16384)")
     up.add_argument("--micro-batch", type=_positive_int, default=4, help="rows per forward; gradients accumulate (default: 4)")

@@ -24,6 +24,9 @@ class UptrainConfig:
         teacher: model spec run online as the KD teacher with loops=1; None = no teacher.
         data: ``--data`` spec (see ``recursify.data``); default ``teacher:<tokens>``.
         tokens: training budget in tokens; steps = ceil(tokens / tokens per step).
+        cpu_minutes: also stop once training has used this many CPU-minutes of this process
+            (``time.process_time``; evaluation excluded); the learning-rate schedule then runs
+            over the fraction of this budget spent, and ``tokens`` is only an upper bound.
         seq_len: tokens per packed row.
         batch_tokens: tokens per optimizer step (rounded down to whole rows, at least one row per process).
         micro_batch: rows per forward pass; gradients accumulate over micro-batches.
@@ -52,6 +55,7 @@ class UptrainConfig:
     teacher: str | None = None
     data: str | None = None
     tokens: int = 1_000_000
+    cpu_minutes: float | None = None
     seq_len: int = 512
     batch_tokens: int = 16_384
     micro_batch: int = 4
@@ -80,6 +84,8 @@ class UptrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
         if self.seq_len < 2:
             raise ConfigError("--seq-len must be at least 2 (a row needs a token and its successor)")
+        if self.cpu_minutes is not None and not self.cpu_minutes > 0:
+            raise ConfigError(f"--cpu-minutes must be positive, got {self.cpu_minutes}")
         if not self.lr > 0:
             raise ConfigError(f"--lr must be positive, got {self.lr}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:

@@ -25,6 +25,7 @@ from recursify.errors import CheckpointError, ConfigError, DataError, TrainingEr
 from recursify.modeling.model import RecursiveModel
 from recursify.text import precision_context, require_tokenizer
 from recursify.training import checkpointing
+from recursify.training.budget import CpuBudget, budget_lr_factor
 from recursify.training.config import UptrainConfig
 from recursify.training.exit_ensemble import ExitEnsemble, load_exit_ensemble
 from recursify.training.losses import kd_divergence, next_token_ce, uptrain_loss
@@ -158,9 +159,15 @@ def uptrain(config: UptrainConfig) -> dict[str, Any]:
         enable_gradient_checkpointing(student)
     trainable: list[nn.Module] = [student] if ensemble is None else [student, ensemble]
     optimizer = torch.optim.AdamW(param_groups(trainable, config.weight_decay), lr=config.lr, betas=BETAS)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, plan.total_steps, plan.warmup_steps, config.min_lr_ratio)
-    )
+    budget: CpuBudget | None = None  # started when the first step begins
+
+    def schedule(step: int) -> float:
+        if config.cpu_minutes is None:
+            return lr_factor(step, plan.total_steps, plan.warmup_steps, config.min_lr_ratio)
+        fraction = budget.fraction() if budget is not None else 0.0
+        return budget_lr_factor(fraction, plan.warmup_steps / plan.total_steps, config.min_lr_ratio)
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     start_step, tokens_seen = 0, 0
     if resumed is not None:
         if resumed.state.get("data_sha256") != data_sha:
@@ -187,7 +194,8 @@ def uptrain(config: UptrainConfig) -> dict[str, Any]:
         if heldout is None or log is None:
             return
         metrics = evaluate(accelerator.unwrap_model(model), teacher, heldout, config.micro_batch, precision)
-        log.write({"event": "eval", "step": step, "tokens": tokens_seen, **metrics})
+        cpu_s = budget.used() if budget is not None else 0.0
+        log.write({"event": "eval", "step": step, "tokens": tokens_seen, "cpu_s": cpu_s, **metrics})
         summary["eval_before" if step == 0 else "eval_after"] = metrics
 
     def save(step: int) -> None:
@@ -196,6 +204,7 @@ def uptrain(config: UptrainConfig) -> dict[str, Any]:
             student_state = {k.removeprefix("student."): v for k, v in state.items() if k.startswith("student.")}
             ensemble_state = {k.removeprefix("ensemble."): v for k, v in state.items() if k.startswith("ensemble.")} or None
             extra = {"config": config.to_dict(), "data_sha256": data_sha, "world_size": accelerator.num_processes}
+            extra["cpu_seconds"] = budget.used() if budget is not None else 0.0
             checkpointing.save_checkpoint(out, step, tokens_seen, student_state, optimizer, scheduler, ensemble_state, extra)
         accelerator.wait_for_everyone()
 
@@ -203,6 +212,8 @@ def uptrain(config: UptrainConfig) -> dict[str, Any]:
         run_eval(0)
     last_saved = start_step
     speeds: list[float] = []
+    cpu_seconds = (config.cpu_minutes or math.inf) * 60
+    budget = CpuBudget(cpu_seconds, resumed.state.get("cpu_seconds", 0.0) if resumed is not None else 0.0)
     bar = tqdm(
         total=plan.total_steps * plan.tokens_per_step,
         initial=tokens_seen,
@@ -235,20 +246,32 @@ def uptrain(config: UptrainConfig) -> dict[str, Any]:
             bar.update(plan.tokens_per_step)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
             if log is not None:
-                log.write({"event": "train", "step": step + 1, "tokens": tokens_seen, "lr": lr, "tokens_per_s": speed, **metrics})
-            done = step + 1 == plan.total_steps
-            if done or (config.eval_every and (step + 1) % config.eval_every == 0):
-                run_eval(step + 1)
-            if done or (config.save_every and (step + 1) % config.save_every == 0):
-                save(step + 1)
-                last_saved = step + 1
+                record = {"event": "train", "step": step + 1, "tokens": tokens_seen, "lr": lr, "tokens_per_s": speed}
+                log.write({**record, "cpu_s": budget.used(), **metrics})
+            done = step + 1 == plan.total_steps or (config.cpu_minutes is not None and _budget_spent(budget, accelerator))
+            with budget.paused():
+                if done or (config.eval_every and (step + 1) % config.eval_every == 0):
+                    run_eval(step + 1)
+                if done or (config.save_every and (step + 1) % config.save_every == 0):
+                    save(step + 1)
+                    last_saved = step + 1
+            if done:
+                break
     finally:
         bar.close()
         if log is not None:
             log.close()
     summary["tokens_per_s"] = sum(speeds) / len(speeds) if speeds else 0.0
     summary["tokens_seen"] = tokens_seen
+    summary["steps_run"] = last_saved
+    summary["cpu_minutes"] = budget.used() / 60
     return summary
+
+
+def _budget_spent(budget: CpuBudget, accelerator: Any) -> bool:
+    """Whether the CPU budget is spent, agreed by all processes (their mean CPU time decides)."""
+    used = accelerator.reduce(torch.tensor([budget.used()], device=accelerator.device), reduction="mean")
+    return float(used) >= budget.seconds
 
 
 def _train_step(
