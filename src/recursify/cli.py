@@ -200,6 +200,19 @@ def cmd_uptrain(args: argparse.Namespace) -> None:
     print(f"saved to {args.out}")
 
 
+def cmd_heal(args: argparse.Namespace) -> None:
+    """Heal a converted model: fit every depth to the original's hidden states (teacher forcing), then optional KD."""
+    from recursify.training.healing import HealConfig, heal
+
+    fields = ["teacher", "calib_tokens", "minutes", "kd_minutes", "seq_len", "micro_batch", "lr", "kd_lr", "kd_batch_tokens"]
+    fields += ["eval_tokens", "eval_every_minutes", "precision", "seed", "overwrite", "quiet"]
+    config = HealConfig(args.student, args.out, args.calib, **{name: getattr(args, name) for name in fields})
+    quiet_transformers()
+    report = heal(config)
+    print(json.dumps(report.to_dict(), indent=2))
+    print(f"saved to {args.out}")
+
+
 def cmd_plot(args: argparse.Namespace) -> None:
     """Draw the loss curves (per exit) of an uptrain run to a PNG."""
     from recursify.training.plot import plot_run
@@ -246,10 +259,38 @@ def _add_training_commands(sub: Any) -> None:
     up.add_argument("--quiet", action="store_true", help="no progress bar")
     up.set_defaults(func=cmd_uptrain)
 
+    _add_heal_command(sub)
     plot = sub.add_parser("plot", help="draw an uptrain run's loss curves to PNG", description=cmd_plot.__doc__)
     plot.add_argument("run", help="uptrain output directory (holds metrics.jsonl)")
     plot.add_argument("--out", help="PNG path (default: RUN/loss.png)")
     plot.set_defaults(func=cmd_plot)
+
+
+def _add_heal_command(sub: Any) -> None:
+    heal = sub.add_parser("heal", help="local block-wise healing of a converted model, then optional KD", description=cmd_heal.__doc__)
+    heal.add_argument("student", help="checkpoint directory written by 'recursify convert'")
+    heal.add_argument("--teacher", help="the original model, run with loops=1 (default: the model the student was converted from)")
+    heal.add_argument("--calib", required=True, help="data: its train split trains, its held-out split evaluates (file, dir, teacher:N)")
+    heal.add_argument("--calib-tokens", type=_count, default=16_384, help="training tokens; all depths' states are kept (default: 16384)")
+    heal.add_argument("--minutes", type=float, required=True, help="CPU-minutes of local reconstruction, 0 = skip (process time)")
+    heal.add_argument("--kd-minutes", type=float, default=0.0, help="CPU-minutes of end-to-end KD afterwards (default: 0 = none)")
+    heal.add_argument("--seq-len", type=_positive_int, default=128, help="tokens per row (default: 128)")
+    heal.add_argument("--micro-batch", type=_positive_int, default=4, help="rows per step (default: 4)")
+    heal.add_argument("--lr", type=float, default=5e-4, help="peak learning rate of the local phase (default: 5e-4)")
+    heal.add_argument("--kd-lr", type=float, default=5e-4, help="peak learning rate of the KD phase (default: 5e-4)")
+    heal.add_argument("--kd-batch-tokens", type=_count, default=1024, help="tokens per KD optimizer step (default: 1024)")
+    heal.add_argument("--eval-tokens", type=_count_or_zero, default=4096, help="held-out tokens for KL/ppl, 0 = none (default: 4096)")
+    heal.add_argument(
+        "--eval-every-minutes", type=float, default=0.0, help="also evaluate every N CPU-minutes of local phase (default: no)"
+    )
+    heal.add_argument(
+        "--precision", choices=("auto", "bf16", "fp32"), default="auto", help="auto = bf16 where the hardware has it, else fp32"
+    )
+    heal.add_argument("--seed", type=int, default=0, help="data order (default: 0)")
+    heal.add_argument("--out", required=True, help="output checkpoint directory (+ heal.jsonl, heal_report.json)")
+    heal.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    heal.add_argument("--quiet", action="store_true", help="no progress bars")
+    heal.set_defaults(func=cmd_heal)
 
 
 def _eval_options(args: argparse.Namespace, per_loop: bool) -> Any:

@@ -1,0 +1,370 @@
+"""Local healing: block-wise reconstruction of every depth from the original model, then a short KD.
+
+End-to-end distillation sends one weak signal (the final logits) back through all L depths. Post-
+training quantisation methods heal block by block instead, and so does this module: the original
+(teacher) model runs once over calibration tokens and its residual stream entering and leaving every
+depth is kept. Each depth l of the recursive model, i.e. shared layer s(l) with depth l's LoRA and
+norms, is then trained to map the teacher's input h_l to the teacher's output h_{l+1} (teacher
+forcing), all depths at once: every depth gets a dense target, nothing backpropagates through the
+stack, and the captured states are reused for every pass over the data. Because per-depth fits
+cannot undo error that compounds across depths, an optional end-to-end KD phase (``uptrain``)
+follows. Both phases are budgeted in CPU-minutes (``time.process_time``), evaluation excluded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from recursify.checkpoint import check_writable, is_checkpoint, load
+from recursify.data import load_tokens, pack
+from recursify.errors import CheckpointError, ConfigError, DataError
+from recursify.modeling.layers import AttentionContext, build_masks
+from recursify.modeling.model import RecursiveModel
+from recursify.text import PRECISIONS, precision_context, require_tokenizer
+from recursify.training.budget import CpuBudget, budget_lr_factor
+from recursify.training.config import UptrainConfig
+from recursify.training.metrics import MetricsLog
+from recursify.training.schedule import batch_rows
+from recursify.training.uptrain import BETAS, ExitModel, check_tokenizers, default_teacher, evaluate, open_teacher, resolve_precision
+
+HEAL_LOG = "heal.jsonl"
+WARMUP_FRACTION = 0.05
+# A token whose layer update is tiny must not dominate: its denominator is floored at this share
+# of the mean update energy of its depth.
+UPDATE_FLOOR = 1e-3
+
+
+@dataclass
+class HealConfig:
+    """A healing run.
+
+    Attributes:
+        student: checkpoint directory written by ``recursify convert``.
+        out: output checkpoint directory (the healed model, ``heal.jsonl``; after KD also uptrain's files).
+        teacher: the original model (any ``--model`` source or checkpoint, run with loops=1);
+            None = the model the student was converted from.
+        calib: data spec whose train split feeds both phases and whose held-out split evaluates.
+        calib_tokens: training tokens read from ``calib`` (the local phase keeps the teacher's
+            residual stream at every depth for all of them: (L + 1) x hidden x 4 bytes per token).
+        minutes: CPU-minutes of local reconstruction, teacher capture included (0 = skip it).
+        kd_minutes: CPU-minutes of end-to-end KD afterwards (0 = none).
+        seq_len: tokens per packed row, in both phases and in evaluation.
+        micro_batch: rows per local step (and per KD forward).
+        lr, kd_lr: peak AdamW learning rates of the two phases (warmup, then cosine over the budget).
+        kd_batch_tokens: tokens per KD optimizer step.
+        min_lr_ratio: cosine floor as a fraction of the peak rate.
+        eval_tokens: held-out tokens for KL / perplexity / objective before and after each phase (0 = none).
+        eval_every_minutes: also evaluate after every this many CPU-minutes of the local phase (0 = no).
+        kd_eval_every: also evaluate every this many KD steps (0 = no; uptrain's ``eval_every``).
+        precision: "auto", "bf16" or "fp32", as in uptraining.
+        seed: data order.
+        overwrite: replace ``out`` if it exists.
+        quiet: no progress bars.
+    """
+
+    student: str
+    out: str
+    calib: str
+    teacher: str | None = None
+    calib_tokens: int = 16_384
+    minutes: float = 5.0
+    kd_minutes: float = 0.0
+    seq_len: int = 128
+    micro_batch: int = 4
+    lr: float = 5e-4
+    kd_lr: float = 5e-4
+    kd_batch_tokens: int = 1024
+    min_lr_ratio: float = 0.1
+    eval_tokens: int = 4096
+    eval_every_minutes: float = 0.0
+    kd_eval_every: int = 0
+    precision: str = "auto"
+    seed: int = 0
+    overwrite: bool = False
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("minutes", "kd_minutes", "eval_every_minutes", "eval_tokens", "kd_eval_every"):
+            value = getattr(self, name)
+            if not value >= 0:  # also refuses NaN
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+        if self.minutes + self.kd_minutes <= 0:
+            raise ConfigError("nothing to do: give --minutes and/or --kd-minutes a positive CPU-minute budget")
+        for name in ("calib_tokens", "micro_batch", "kd_batch_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.seq_len < 2:
+            raise ConfigError(f"--seq-len must be at least 2, got {self.seq_len}")
+        for name in ("lr", "kd_lr"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.precision not in ("auto", *PRECISIONS):
+            raise ConfigError(f"unknown precision {self.precision!r}; choose one of: auto, {', '.join(PRECISIONS)}")
+
+
+@dataclass
+class HealReport:
+    """What a healing run did and measured (held-out metrics are KL(teacher || model) and perplexity).
+
+    ``objective_*`` is the block-wise objective on held-out tokens (see ``block_objective``);
+    ``per_depth_*`` its value at every depth; ``eval_*`` hold ``kl`` and ``ppl`` (empty without
+    ``eval_tokens``); ``kd`` is the uptraining summary of the KD phase.
+    """
+
+    local_steps: int = 0
+    local_tokens: int = 0
+    local_cpu_minutes: float = 0.0
+    capture_cpu_minutes: float = 0.0
+    objective_before: float = math.nan
+    objective_after: float = math.nan
+    per_depth_before: list[float] = field(default_factory=list)
+    per_depth_after: list[float] = field(default_factory=list)
+    eval_before: dict[str, float] = field(default_factory=dict)
+    eval_local: dict[str, float] = field(default_factory=dict)
+    eval_after: dict[str, float] = field(default_factory=dict)
+    kd: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def normalised_error(output: torch.Tensor, target: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of ||output - target||^2 / ||target - inputs||^2 ([..., hidden] -> scalar).
+
+    Why this normalisation: the error is measured relative to the teacher's own update at that
+    token and depth, so 1.0 means "no better than skipping the layer" and 0 means exact, at every
+    depth alike; summing raw squared errors would instead let the few positions with a huge
+    residual stream (the first token of a window is ~150x the median norm in SmolLM2) and the
+    deepest depths (the stream grows with depth) decide the whole loss.
+    """
+    error = (output.float() - target.float()).pow(2).sum(-1)
+    update = (target.float() - inputs.float()).pow(2).sum(-1)
+    return (error / update.clamp_min(UPDATE_FLOOR * float(update.mean()))).mean()
+
+
+def attention_context(model: RecursiveModel, batch: int, seq_len: int, dtype: torch.dtype) -> AttentionContext:
+    """RoPE tables and masks of unpadded [batch, seq_len] rows (what ``model.forward`` builds), no cache."""
+    positions = torch.arange(seq_len, device=model.device).expand(batch, seq_len)
+    mask = torch.ones(batch, seq_len, dtype=torch.long, device=model.device)
+    masks = build_masks(mask, seq_len, model.arch.layer_types, model.arch.sliding_window)
+    return AttentionContext(model.rope_tables(positions, dtype), masks, None)
+
+
+@torch.no_grad()
+def capture_states(teacher: RecursiveModel, rows: torch.Tensor, micro_batch: int, precision: str) -> torch.Tensor:
+    """The teacher's residual stream [L + 1, rows, seq, hidden] (float32): embedding output, then after each depth."""
+    chunks = []
+    for chunk in rows.split(micro_batch):
+        with precision_context(precision, teacher.device):
+            out = teacher(chunk.to(teacher.device), output_hidden_states=True, logits_to_keep=1)
+        assert out.hidden_states is not None
+        chunks.append(torch.stack([h.float() for h in out.hidden_states]))
+    return torch.cat(chunks, dim=1)
+
+
+def depth_losses(student: RecursiveModel, states: torch.Tensor, precision: str, backward: bool = False) -> list[float]:
+    """The normalised error of every depth on teacher-forced ``states`` [L + 1, batch, seq, hidden].
+
+    With ``backward`` each depth's loss (divided by L, so gradients are those of the mean over
+    depths) is backpropagated right away, freeing that depth's graph before the next is built.
+    """
+    ctx = attention_context(student, states.shape[1], states.shape[2], states.dtype)
+    losses = []
+    for slot in student.schedule:
+        inputs, target = states[slot.depth], states[slot.depth + 1]
+        with precision_context(precision, student.device):
+            output = student.shared_layer(slot.layer)(inputs, slot.visit, slot.depth, ctx)
+        loss = normalised_error(output, target, inputs)
+        if backward:
+            (loss / student.num_depths).backward()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+@torch.no_grad()
+def block_objective(student: RecursiveModel, states: torch.Tensor, micro_batch: int, precision: str) -> list[float]:
+    """Per-depth normalised error of the student on all of ``states``, averaged over row chunks."""
+    was_training = student.training
+    student.eval()
+    totals = [0.0] * student.num_depths
+    for chunk in states.split(micro_batch, dim=1):
+        share = chunk.shape[1] / states.shape[1]
+        totals = [t + loss * share for t, loss in zip(totals, depth_losses(student, chunk, precision), strict=True)]
+    student.train(was_training)
+    return totals
+
+
+def heal(config: HealConfig) -> HealReport:
+    """Heal a converted model: local block-wise reconstruction, then optional end-to-end KD (see module doc)."""
+    from tqdm.auto import tqdm
+
+    if not is_checkpoint(config.student):
+        raise CheckpointError(f"{config.student} is not a recursify checkpoint; create one with 'recursify convert' first")
+    out = check_writable(config.out, config.overwrite)
+    if out.resolve() == Path(config.student).resolve():
+        raise ConfigError("--out must differ from the student directory (the healed model replaces --out)")
+    teacher_spec = config.teacher or default_teacher(config.student)
+    if teacher_spec is None:
+        raise ConfigError(f"{config.student} does not record its source model; pass --teacher")
+    torch.manual_seed(config.seed)
+    student = load(config.student)
+    teacher = open_teacher(teacher_spec)
+    check_tokenizers(student, teacher)
+    if (teacher.loops, teacher.num_depths) != (1, student.num_depths) or teacher.arch.hidden_size != student.arch.hidden_size:
+        raise ConfigError(
+            f"the teacher must be the original of the student: {student.num_depths} depths x {student.arch.hidden_size} hidden "
+            f"at loops=1, got loops={teacher.loops}, {teacher.num_depths} depths x {teacher.arch.hidden_size}"
+        )
+    precision = resolve_precision(config.precision, student.device)
+    tokenizer = require_tokenizer(student)
+    train_rows = pack(load_tokens(config.calib, tokenizer, "train", config.calib_tokens, config.seed, teacher), config.seq_len)
+    if train_rows.shape[0] == 0:
+        raise DataError(f"--calib {config.calib!r} yields fewer than one --seq-len ({config.seq_len}) row of training tokens")
+    heldout = _heldout_rows(config, tokenizer, teacher)
+
+    report = HealReport()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.heal-", dir=out.parent))
+    try:
+        log = MetricsLog(work, tensorboard=False)
+        heldout_states = capture_states(teacher, heldout, config.micro_batch, precision) if heldout is not None else None
+
+        def measure(cpu_s: float) -> tuple[dict[str, float], list[float]]:
+            """Held-out KL, perplexity and block-wise objective, logged as an "eval" record."""
+            metrics: dict[str, float] = {}
+            per_depth: list[float] = []
+            if heldout is not None and heldout_states is not None:
+                metrics = _kl_ppl(student, teacher, heldout, config.micro_batch, precision)
+                per_depth = block_objective(student, heldout_states, config.micro_batch, precision)
+                metrics["objective"] = sum(per_depth) / len(per_depth)
+            record = {"event": "eval", "step": report.local_steps, "tokens": report.local_tokens, "cpu_s": cpu_s}
+            log.write({**record, **metrics, "per_depth": per_depth})
+            return metrics, per_depth
+
+        report.eval_before, report.per_depth_before = measure(0.0)
+        if config.minutes > 0:
+            _local_phase(student, teacher, train_rows, config, precision, report, log, measure, tqdm)
+            report.eval_local, report.per_depth_after = measure(report.local_cpu_minutes * 60)
+        else:
+            report.eval_local, report.per_depth_after = report.eval_before, report.per_depth_before
+        report.objective_before = report.eval_before.get("objective", math.nan)
+        report.objective_after = report.eval_local.get("objective", math.nan)
+        log.close()
+        if config.kd_minutes > 0:
+            staged = work / "local"
+            student.save_pretrained(str(staged))
+            del student, teacher, heldout_states  # uptrain loads its own copies
+            report.kd = _kd_phase(config, str(staged), teacher_spec)
+            report.eval_after = {k: report.kd["eval_after"][k] for k in ("kl", "ppl")} if "eval_after" in report.kd else {}
+        else:
+            student.save_pretrained(str(out), overwrite=config.overwrite)
+            report.eval_after = {k: v for k, v in report.eval_local.items() if k in ("kl", "ppl")}
+        shutil.copyfile(work / "metrics.jsonl", out / HEAL_LOG)
+        (out / "heal_report.json").write_text(json.dumps(report.to_dict(), indent=2))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return report
+
+
+def _local_phase(
+    student: RecursiveModel,
+    teacher: RecursiveModel,
+    train_rows: torch.Tensor,
+    config: HealConfig,
+    precision: str,
+    report: HealReport,
+    log: MetricsLog,
+    measure: Any,
+    tqdm: Any,
+) -> None:
+    """Capture the teacher's states, then train every depth on them until the CPU budget is spent."""
+    total = CpuBudget(config.minutes * 60)
+    states = capture_states(teacher, train_rows, config.micro_batch, precision)
+    report.capture_cpu_minutes = total.used() / 60
+    # The schedule spans what is left after the capture; the capture still counts against --minutes.
+    budget = CpuBudget(max(total.seconds - total.used(), 1e-9))
+    params = [p for layer in student.layers for p in layer.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=BETAS, weight_decay=0.0)
+    student.train()
+    next_eval = config.eval_every_minutes * 60 if config.eval_every_minutes > 0 else math.inf
+    bar = tqdm(total=round(total.seconds), unit="cpu-s", desc="local heal", disable=config.quiet)
+    try:
+        while report.local_steps == 0 or not budget.spent():
+            rows = batch_rows(report.local_steps, config.micro_batch, states.shape[1], config.seed)
+            lr = config.lr * budget_lr_factor(budget.fraction(), WARMUP_FRACTION, config.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            losses = depth_losses(student, states[:, rows], precision, backward=True)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            report.local_steps += 1
+            report.local_tokens += rows.numel() * states.shape[2]
+            loss = sum(losses) / len(losses)
+            if not math.isfinite(loss):
+                raise ConfigError(f"the local objective became {loss} at step {report.local_steps}; lower --lr")
+            cpu_s = total.used()
+            log.write({"event": "local", "step": report.local_steps, "tokens": report.local_tokens, "lr": lr, "cpu_s": cpu_s, "loss": loss})
+            bar.update(round(cpu_s) - bar.n)
+            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            if budget.used() >= next_eval:
+                with total.paused(), budget.paused():
+                    measure(cpu_s)
+                next_eval += config.eval_every_minutes * 60
+    finally:
+        bar.close()
+    report.local_cpu_minutes = total.used() / 60
+    student.eval()
+
+
+def _kd_phase(config: HealConfig, student_dir: str, teacher_spec: str) -> dict[str, Any]:
+    """End-to-end forward-KL distillation by ``uptrain`` on the same data, for ``kd_minutes`` CPU-minutes."""
+    from recursify.training.uptrain import uptrain
+
+    kd = UptrainConfig(
+        student=student_dir,
+        out=config.out,
+        teacher=teacher_spec,
+        data=config.calib,
+        tokens=config.calib_tokens * 1000,  # an upper bound: the CPU budget ends the phase
+        cpu_minutes=config.kd_minutes,
+        seq_len=config.seq_len,
+        batch_tokens=config.kd_batch_tokens,
+        micro_batch=config.micro_batch,
+        lr=config.kd_lr,
+        min_lr_ratio=config.min_lr_ratio,
+        precision=config.precision,
+        save_every=0,
+        eval_tokens=config.eval_tokens,
+        seed=config.seed,
+        eval_every=config.kd_eval_every,
+        overwrite=config.overwrite,
+        quiet=config.quiet,
+    )
+    return uptrain(kd)
+
+
+def _heldout_rows(config: HealConfig, tokenizer: Any, teacher: RecursiveModel) -> torch.Tensor | None:
+    """Held-out rows packed exactly as uptraining packs them, so both phases report comparable numbers."""
+    if config.eval_tokens == 0:
+        return None
+    try:
+        tokens = load_tokens(config.calib, tokenizer, "heldout", config.eval_tokens, config.seed, teacher)
+    except DataError as err:
+        raise DataError(f"{err}; or pass --eval-tokens 0 to skip held-out evaluation") from err
+    return pack(tokens, min(config.seq_len, tokens.numel()))
+
+
+def _kl_ppl(student: RecursiveModel, teacher: RecursiveModel, rows: torch.Tensor, micro_batch: int, precision: str) -> dict[str, float]:
+    metrics = evaluate(ExitModel(student, None, exits=False), teacher, rows, micro_batch, precision)
+    return {"kl": metrics["kl"], "ppl": metrics["ppl"]}

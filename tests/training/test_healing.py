@@ -1,0 +1,97 @@
+"""Local healing on tiny models: exact at full rank, lowers the block-wise objective and KL, CLI, guard rails."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+from recursify import convert, load
+from recursify.cli import main
+from recursify.errors import ConfigError
+from recursify.training import HealConfig, heal
+from recursify.training.budget import CpuBudget, budget_lr_factor
+from recursify.training.healing import block_objective, capture_states, normalised_error
+
+FAST = dict(seq_len=16, micro_batch=4, eval_tokens=1024, precision="fp32", quiet=True)
+
+
+def test_normalised_error_is_one_for_skipping_the_layer_and_zero_when_exact() -> None:
+    inputs, target = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    assert float(normalised_error(inputs, target, inputs)) == pytest.approx(1.0)
+    assert float(normalised_error(target, target, inputs)) == 0.0
+
+
+def test_full_rank_per_depth_norms_reproduce_every_depth(tiny_run) -> None:
+    teacher = convert(str(tiny_run["source"]), loops=1, progress=False)
+    student = convert(str(tiny_run["source"]), loops=3, rank="full", init="average", norms="per-depth", progress=False)
+    rows = torch.randint(4, 97, (3, 12), generator=torch.Generator().manual_seed(0))
+    states = capture_states(teacher, rows, micro_batch=2, precision="fp32")
+    assert states.shape == (teacher.num_depths + 1, 3, 12, teacher.arch.hidden_size)
+    assert max(block_objective(student, states, micro_batch=2, precision="fp32")) < 1e-8
+    low_rank = load(tiny_run["student"])
+    assert min(block_objective(low_rank, states, micro_batch=2, precision="fp32")) > 1e-3
+
+
+def test_local_healing_lowers_the_objective_and_the_kl(tiny_run, tmp_path) -> None:
+    config = HealConfig(str(tiny_run["student"]), str(tmp_path / "healed"), str(tiny_run["data"]), minutes=0.05, lr=3e-3, **FAST)
+    report = heal(config)
+    assert report.local_steps > 10
+    assert report.objective_after < 0.5 * report.objective_before, (report.objective_before, report.objective_after)
+    assert report.eval_local["kl"] < 0.7 * report.eval_before["kl"], (report.eval_before, report.eval_local)
+    assert report.kd is None and report.eval_after["kl"] == report.eval_local["kl"]
+    assert 0.05 <= report.local_cpu_minutes < 0.2
+    healed = load(tmp_path / "healed")
+    assert healed.recursion == load(tiny_run["student"]).recursion
+    records = [json.loads(line) for line in (tmp_path / "healed" / "heal.jsonl").read_text().splitlines()]
+    assert [r["event"] for r in records].count("eval") == 2
+    assert sum(r["event"] == "local" for r in records) == report.local_steps
+
+
+def test_kd_phase_reuses_uptraining(tiny_run, tmp_path) -> None:
+    config = HealConfig(
+        str(tiny_run["student"]), str(tmp_path / "healed"), str(tiny_run["data"]), minutes=0.02, kd_minutes=0.02, kd_batch_tokens=64, **FAST
+    )
+    report = heal(config)
+    assert report.kd is not None and 0 < report.kd["steps_run"] < report.kd["steps"]
+    assert report.eval_after["kl"] == report.kd["eval_after"]["kl"]
+    assert {"heal.jsonl", "heal_report.json", "metrics.jsonl", "model.safetensors"} <= {p.name for p in (tmp_path / "healed").iterdir()}
+    load(tmp_path / "healed")
+
+
+def test_cli_round_trip_and_one_line_errors(tiny_run, tmp_path, capsys) -> None:
+    out = tmp_path / "cli"
+    args = ["heal", str(tiny_run["student"]), "--calib", str(tiny_run["data"]), "--seq-len", "16", "--eval-tokens", "512"]
+    assert main([*args, "--minutes", "0.01", "--precision", "fp32", "--quiet", "--out", str(out)]) == 0
+    assert json.loads((out / "heal_report.json").read_text())["local_steps"] > 0
+    load(out)
+    capsys.readouterr()
+    assert main([*args, "--minutes", "0", "--out", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("recursify: error: nothing to do") and err.count("\n") == 1
+    assert main(["heal", str(tiny_run["data"]), "--calib", str(tiny_run["data"]), "--minutes", "1", "--out", str(tmp_path / "x")]) == 2
+    assert "not a recursify checkpoint" in capsys.readouterr().err
+    assert main([*args, "--minutes", "1", "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_config_refuses_bad_budgets(tiny_run) -> None:
+    base = (str(tiny_run["student"]), "out", str(tiny_run["data"]))
+    with pytest.raises(ConfigError, match="--minutes must be >= 0"):
+        HealConfig(*base, minutes=-1)
+    with pytest.raises(ConfigError, match="--kd-lr must be positive"):
+        HealConfig(*base, kd_lr=0)
+
+
+def test_cpu_budget_excludes_paused_time_and_schedules_over_the_budget() -> None:
+    budget = CpuBudget(3600)
+    with budget.paused():
+        end = time.process_time() + 0.05
+        while time.process_time() < end:
+            pass
+    assert budget.used() < 0.02
+    assert budget_lr_factor(0.0, 0.1, 0.1) < 0.01
+    assert budget_lr_factor(0.1, 0.1, 0.1) == pytest.approx(1.0, abs=1e-3)
+    assert budget_lr_factor(1.0, 0.1, 0.1) == pytest.approx(0.1, abs=1e-3)
