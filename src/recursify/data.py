@@ -215,10 +215,11 @@ FUNCTION_FIELDS = ("loops", "strategy", "norms", "relax")
 def model_fingerprint(model: torch.nn.Module) -> str:
     """A cheap identity of a model's weights: architecture plus a strided sample of every tensor."""
     digest = hashlib.sha256()
-    if hasattr(model, "arch"):
-        digest.update(json.dumps(asdict(model.arch), sort_keys=True, default=str).encode())
-    if hasattr(model, "recursion"):  # only what changes the function; how the weights were made (seed, init, ...) is in them
-        recursion = asdict(model.recursion)
+    arch, recursion_config = getattr(model, "arch", None), getattr(model, "recursion", None)
+    if arch is not None:
+        digest.update(json.dumps(asdict(arch), sort_keys=True, default=str).encode())
+    if recursion_config is not None:  # only what changes the function; how the weights were made (seed, init, ...) is in them
+        recursion = asdict(recursion_config)
         digest.update(json.dumps({k: recursion.get(k) for k in FUNCTION_FIELDS}, sort_keys=True, default=str).encode())
     for name, tensor in sorted(model.state_dict().items()):
         flat = tensor.detach().reshape(-1)
