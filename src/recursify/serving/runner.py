@@ -56,6 +56,21 @@ class _Rows:
         return self.loops[None, :rows]  # (1, rows): one visit per token
 
 
+@dataclass
+class _AttentionGroup:
+    """Items whose queries attend in one call (all decode items, or one prefill chunk).
+
+    Built once per step: only the depth (and so the KV slot and sliding flag) changes between
+    the shared layers of a step, so tables and masks are reused by every layer.
+    """
+
+    rows: torch.Tensor | slice  # the group's query rows among the item rows (n * t of them)
+    tables: torch.Tensor  # (n, width) KV blocks of each item, padded with block 0
+    loops: torch.Tensor  # (n,)
+    allowed: torch.Tensor  # (n, 1, t, width * block_size) causal mask
+    windowed: torch.Tensor | None  # the same with the sliding window (models with sliding depths)
+
+
 class ModelRunner:
     """Runs plans on a RecursiveModel with a KV pool, an exit policy and a KV mode for exited tokens."""
 
@@ -66,6 +81,9 @@ class ModelRunner:
         # layer type index of every (loop, layer): attention pattern and RoPE table differ per depth
         self.type_of = torch.tensor([[kinds.index(model.arch.layer_types[loop * self.block + k]) for k in range(self.block)]
                                      for loop in range(model.loops)])  # fmt: skip
+        self.sliding = torch.tensor([[model.arch.layer_types[loop * self.block + k] == "sliding_attention" for k in range(self.block)]
+                                     for loop in range(model.loops)])  # fmt: skip
+        self.windowed = model.arch.sliding_window is not None and bool(self.sliding.any())
         self.hidden: dict[str, torch.Tensor] = {}
         self.exit_hidden: dict[str, torch.Tensor] = {}
         self.sampling: dict[str, tuple[SamplingConfig, torch.Generator | None]] = {}
@@ -87,9 +105,10 @@ class ModelRunner:
             return {}
         h, fills, rows = self._inputs(plan.items)
         tables = self.model.rope_tables(rows.positions[None], h.dtype)
+        groups = self._attention_groups(plan.items)
         for k in range(self.block):
             rope = self._rope(k, rows, tables)
-            h = self._layer(self.model.shared_layer(k), k, h, fills, rows, rope, plan.items)
+            h = self._layer(self.model.shared_layer(k), k, h, fills, rows, rope, groups)
         return self._finish(plan.items, h, rows)
 
     # --- inputs -----------------------------------------------------------------------------
@@ -156,7 +175,7 @@ class ModelRunner:
         fills: torch.Tensor | None,
         rows: _Rows,
         rope: tuple[torch.Tensor, torch.Tensor],
-        items: list[WorkItem],
+        groups: list[_AttentionGroup],
     ) -> torch.Tensor:
         """h: [item_rows, hidden] -> same, after shared layer k at each row's own depth."""
         arch = self.model.arch
@@ -165,7 +184,7 @@ class ModelRunner:
         q, key, value = layer.project_qkv(normed, rows.visit(), rope)  # (1, heads, rows, d)
         depths = rows.loops * self.block + k
         self.pool.write(rows.blocks, rows.offsets, depths, key[0].transpose(0, 1), value[0].transpose(0, 1))
-        attn = self._attend(q[0, :, : rows.items], k, items)  # (item_rows, heads * head_dim)
+        attn = self._attend(q[0, :, : rows.items], k, groups)  # (item_rows, heads * head_dim)
         visit = rows.visit(rows.items)
         out = layer.linear("o")(attn[None], visit)
         if arch.sandwich_norms:
@@ -176,43 +195,52 @@ class ModelRunner:
             mlp = layer.norm("post_mlp_norm")(mlp, visit)
         return h + mlp[0]
 
-    def _attend(self, q: torch.Tensor, k: int, items: list[WorkItem]) -> torch.Tensor:
+    def _attend(self, q: torch.Tensor, k: int, groups: list[_AttentionGroup]) -> torch.Tensor:
         """Attention of every item's queries (q: [heads, item_rows, d]) over its own keys at its depth."""
         heads, total, head_dim = q.shape
         out = torch.empty(total, heads * head_dim, dtype=q.dtype)
-        row, decode_rows, decode_items = 0, [], []
+        for group in groups:
+            n, t = group.allowed.shape[0], group.allowed.shape[2]
+            part = self._attend_group(q[:, group.rows].unflatten(1, (n, t)).transpose(0, 1), k, group)  # (n, heads, t, d)
+            out[group.rows] = part.transpose(1, 2).reshape(n * t, -1).to(out.dtype)
+        return out
+
+    def _attention_groups(self, items: list[WorkItem]) -> list[_AttentionGroup]:
+        """One group per prefill chunk (attending alone) and one for all single-token items."""
+        groups, row, decode_rows, decode_items = [], 0, [], []
         for item in items:
             if item.num_tokens == 1:
                 decode_rows.append(row)
                 decode_items.append(item)
             else:
-                part = self._attend_group(q[:, row : row + item.num_tokens][None], k, [item])  # (1, heads, t, d)
-                out[row : row + item.num_tokens] = part[0].transpose(0, 1).reshape(item.num_tokens, -1)
+                groups.append(self._attention_group(slice(row, row + item.num_tokens), [item]))
             row += item.num_tokens
         if decode_items:
-            index = torch.tensor(decode_rows)
-            part = self._attend_group(q[:, index].transpose(0, 1)[:, :, None], k, decode_items)  # (n, heads, 1, d)
-            out[index] = part[:, :, 0].reshape(len(decode_items), -1).to(out.dtype)
-        return out
+            groups.append(self._attention_group(torch.tensor(decode_rows), decode_items))
+        return groups
 
-    def _attend_group(self, q: torch.Tensor, k: int, items: list[WorkItem]) -> torch.Tensor:
-        """q: [n, heads, t, d] for n items of equal chunk length t -> [n, heads, t, d]."""
-        arch, size = self.model.arch, self.pool.block_size
-        t = q.shape[2]
-        ends = [item.start + item.num_tokens for item in items]
-        width = math.ceil(max(ends) / size)
+    def _attention_group(self, rows: torch.Tensor | slice, items: list[WorkItem]) -> _AttentionGroup:
+        """Block tables and masks for items of equal chunk length t."""
+        size, t = self.pool.block_size, items[0].num_tokens
+        width = math.ceil(max(item.start + t for item in items) / size)
         tables = torch.tensor([list(item.blocks[:width]) + [0] * (width - min(width, len(item.blocks))) for item in items])
-        depths = torch.tensor([item.loop * self.block + k for item in items])
-        keys, values = self.pool.gather(tables, depths)  # (n, kv_heads, width * size, d)
         query_pos = torch.tensor([[item.start + i for i in range(t)] for item in items])[:, None, :, None]  # (n, 1, t, 1)
         key_pos = torch.arange(width * size)[None, None, None, :]
         allowed = key_pos <= query_pos
-        sliding = torch.tensor([arch.layer_types[depth] == "sliding_attention" for depth in depths.tolist()])[:, None, None, None]
-        if arch.sliding_window is not None and bool(sliding.any()):
-            allowed = allowed & (~sliding | (key_pos > query_pos - arch.sliding_window))
+        window = self.model.arch.sliding_window
+        windowed = allowed & (key_pos > query_pos - window) if self.windowed and window is not None else None
+        return _AttentionGroup(rows, tables, torch.tensor([item.loop for item in items]), allowed, windowed)
+
+    def _attend_group(self, q: torch.Tensor, k: int, group: _AttentionGroup) -> torch.Tensor:
+        """q: [n, heads, t, d] for the group's n items -> [n, heads, t, d], at each item's depth of shared layer k."""
+        arch = self.model.arch
+        keys, values = self.pool.gather(group.tables, group.loops * self.block + k)  # (n, kv_heads, width * size, d)
+        allowed = group.allowed
+        if group.windowed is not None:
+            allowed = torch.where(self.sliding[group.loops, k][:, None, None, None], group.windowed, group.allowed)
         prefix = self.model.shared_layer(k).prefix
         if prefix is not None:  # per-depth learned keys/values (--relax prefix:N), visit = loop
-            keys, values, allowed = prefix.prepend(keys, values, allowed, torch.tensor([item.loop for item in items]))
+            keys, values, allowed = prefix.prepend(keys, values, allowed, group.loops)
         return scaled_attention(q, keys.to(q.dtype), values.to(q.dtype), allowed, arch.attn_scale, arch.attn_softcap)
 
     # --- after the loop ---------------------------------------------------------------------
