@@ -34,7 +34,16 @@ from recursify.training.budget import CpuBudget, budget_lr_factor
 from recursify.training.config import UptrainConfig
 from recursify.training.metrics import MetricsLog
 from recursify.training.schedule import batch_rows
-from recursify.training.uptrain import BETAS, ExitModel, check_tokenizers, default_teacher, evaluate, open_teacher, resolve_precision
+from recursify.training.uptrain import (
+    BETAS,
+    ExitModel,
+    check_tokenizers,
+    default_teacher,
+    evaluate,
+    heldout_rows,
+    open_teacher,
+    resolve_precision,
+)
 
 HEAL_LOG = "heal.jsonl"
 WARMUP_FRACTION = 0.05
@@ -231,7 +240,8 @@ def heal(config: HealConfig) -> HealReport:
     train_rows = pack(load_tokens(config.calib, tokenizer, "train", config.calib_tokens, config.seed, teacher), config.seq_len)
     if train_rows.shape[0] == 0:
         raise DataError(f"--calib {config.calib!r} yields fewer than one --seq-len ({config.seq_len}) row of training tokens")
-    heldout = _heldout_rows(config, tokenizer, teacher)
+    # packed exactly as uptraining packs them, so both phases report comparable numbers
+    heldout = heldout_rows(config.calib, tokenizer, config.eval_tokens, config.seq_len, config.seed, teacher)
 
     report = HealReport()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -352,17 +362,6 @@ def _kd_phase(config: HealConfig, student_dir: str, teacher_spec: str) -> dict[s
         quiet=config.quiet,
     )
     return uptrain(kd)
-
-
-def _heldout_rows(config: HealConfig, tokenizer: Any, teacher: RecursiveModel) -> torch.Tensor | None:
-    """Held-out rows packed exactly as uptraining packs them, so both phases report comparable numbers."""
-    if config.eval_tokens == 0:
-        return None
-    try:
-        tokens = load_tokens(config.calib, tokenizer, "heldout", config.eval_tokens, config.seed, teacher)
-    except DataError as err:
-        raise DataError(f"{err}; or pass --eval-tokens 0 to skip held-out evaluation") from err
-    return pack(tokens, min(config.seq_len, tokens.numel()))
 
 
 def _kl_ppl(student: RecursiveModel, teacher: RecursiveModel, rows: torch.Tensor, micro_batch: int, precision: str) -> dict[str, float]:

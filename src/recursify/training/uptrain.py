@@ -147,7 +147,7 @@ def uptrain(config: UptrainConfig) -> dict[str, Any]:
     plan = plan_run(config, accelerator.num_processes)
     with accelerator.main_process_first():
         train_tokens = load_tokens(config.data_spec, tokenizer, "train", plan.total_steps * plan.tokens_per_step, config.seed, teacher)
-        heldout = _heldout_rows(config, tokenizer, teacher)
+        heldout = heldout_rows(config.data_spec, tokenizer, config.eval_tokens, config.seq_len, config.seed, teacher)
     rows = pack(train_tokens, config.seq_len)
     if rows.shape[0] == 0:
         raise DataError(f"--data {config.data_spec!r} yields {train_tokens.numel()} training tokens, fewer than one --seq-len row")
@@ -309,14 +309,17 @@ def _teacher_logits(teacher: RecursiveModel | None, input_ids: torch.Tensor) -> 
         return teacher(input_ids).logits
 
 
-def _heldout_rows(config: UptrainConfig, tokenizer: Any, teacher: RecursiveModel | None) -> torch.Tensor | None:
-    if config.eval_tokens == 0:
+def heldout_rows(
+    spec: str, tokenizer: Any, eval_tokens: int, seq_len: int, seed: int, teacher: RecursiveModel | None
+) -> torch.Tensor | None:
+    """The held-out split of ``spec`` packed into rows of ``seq_len`` for evaluation; None when ``eval_tokens`` is 0."""
+    if eval_tokens == 0:
         return None
     try:
-        tokens = load_tokens(config.data_spec, tokenizer, "heldout", config.eval_tokens, config.seed, teacher)
+        tokens = load_tokens(spec, tokenizer, "heldout", eval_tokens, seed, teacher)
     except DataError as err:
         raise DataError(f"{err}; or pass --eval-tokens 0 to skip held-out evaluation") from err
-    return pack(tokens, min(config.seq_len, tokens.numel()))
+    return pack(tokens, min(seq_len, tokens.numel()))
 
 
 @torch.no_grad()
