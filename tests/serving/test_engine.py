@@ -23,6 +23,7 @@ from recursify.serving.exit_policy import parse_exit_policy
 from tiny import tiny_model, tiny_tokenizer
 
 NEW = 8
+PROPERTY_NEW = 5  # enough decode steps to reuse keys across tokens and loops; the property test runs many requests
 MODELS = [("llama", 3), ("gemma2", 2)]  # gemma2: sliding windows that differ between loops, soft-caps, sandwich norms
 
 
@@ -63,19 +64,20 @@ def _serve(engine: Engine, prompts: list[list[int]], new: int = NEW, **options: 
     return {rid: out.token_ids for rid, out in outputs.items()}
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@pytest.mark.parametrize("batching", ["static", "sequence", "depthwise"])  # every policy on every run, not by chance
+@settings(max_examples=2, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.differing_executors])
 @given(
     model_index=st.integers(0, len(MODELS) - 1),
-    batching=st.sampled_from(["static", "sequence", "depthwise"]),
-    max_batch=st.integers(1, 5),
-    chunk=st.integers(2, 16),
-    lengths=st.lists(st.integers(1, 12), min_size=1, max_size=5),
-    arrivals=st.lists(st.integers(0, 6), min_size=5, max_size=5),
+    max_batch=st.integers(1, 4),
+    chunk=st.integers(2, 12),
+    lengths=st.lists(st.integers(1, 12), min_size=1, max_size=4),
+    arrivals=st.lists(st.integers(0, 6), min_size=4, max_size=4),
     seed=st.integers(0, 10_000),
 )
 def test_no_exit_equals_generate_for_any_batching_and_arrival(
-    model_index: int, batching: str, max_batch: int, chunk: int, lengths: list[int], arrivals: list[int], seed: int
+    batching: str, model_index: int, max_batch: int, chunk: int, lengths: list[int], arrivals: list[int], seed: int
 ) -> None:
+    """Random arrival steps, batch limits, prefill chunks and prompt lengths; PROPERTY_NEW tokens keep each example cheap."""
     family, loops = MODELS[model_index]
     engine = _engine(_model(family, loops), batching=batching, max_batch=max_batch, max_prefill_chunk=chunk, exit="none")
     prompts = {f"r{i}": _prompt(seed + i, n) for i, n in enumerate(lengths)}
@@ -85,14 +87,14 @@ def test_no_exit_equals_generate_for_any_batching_and_arrival(
     while schedule or engine.has_unfinished():
         while schedule and schedule[0][0] <= step:
             _, rid = schedule.pop(0)
-            engine.add_request(prompts[rid], max_new_tokens=NEW, stop_token_ids=[], request_id=rid)
+            engine.add_request(prompts[rid], max_new_tokens=PROPERTY_NEW, stop_token_ids=[], request_id=rid)
         for out in engine.step():
             if out.finished:
                 assert out.request_id not in done
                 done[out.request_id] = out.token_ids
-                assert out.loops_run == [loops] * NEW
+                assert out.loops_run == [loops] * PROPERTY_NEW
         step += 1
-    assert done == {rid: _generate(family, loops, tuple(p)) for rid, p in prompts.items()}
+    assert done == {rid: _generate(family, loops, tuple(p), PROPERTY_NEW) for rid, p in prompts.items()}
     assert engine.kv_usage()["used_blocks"] == 0 and engine.kv_usage()["live_requests"] == 0
 
 
