@@ -346,7 +346,8 @@ def serving_benchmark(
     """Every row on the same workload under each arrival pattern, the engine overhead, and the simulation.
 
     Returns ``{"threads", "load_average", "runs": {arrival: {"workload", "rows", "ratios", "table"}},
-    "overhead": {...}, "simulated": {...} (only with ``data``: held-out text for exit trajectories)}``.
+    "overhead": {...}, "simulated": {...} (only with ``data``: held-out text for exit trajectories, any
+    ``--data`` spec; ``teacher:N`` samples the baseline)}``.
     Models may be objects or paths/sources; ``model_label``s in the rows are the paths when given.
     """
     served, original = open_or_keep(model), open_or_keep(baseline)
@@ -364,7 +365,7 @@ def serving_benchmark(
         label: measure_overhead(m, max_batch, precision=precision) for label, m in (("recursive", served), ("relaxed", second)) if m
     }
     if data is not None:
-        tokens = load_tokens(data, tokenizer, split="heldout", max_tokens=data_tokens)
+        tokens = load_tokens(data, tokenizer, split="heldout", max_tokens=data_tokens, teacher=original)  # teacher:N samples the baseline
         lengths = make_workload(tokenizer, requests, "all", seed, prompt_tokens, new_tokens).max_new_tokens
         sim = simulate(served, tokens, parse_exit_policy(exit_spec, served.loops), lengths, max_batch)
         measured = report["runs"][arrivals[0]]["ratios"]
