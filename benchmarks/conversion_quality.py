@@ -32,6 +32,17 @@ VARIANTS = {
     "asvd+lsq": dict(lora_init="asvd", shared_init="lsq"),
 }
 NORM_ROWS = ("tied", "per-depth", "fold")
+# --relax-rows: the relaxation variants at about 0.9M trainable per-depth parameters on SmolLM2 loops 3
+# (bias is fixed at 0.16M; LoRA r64, 19.5M, and lora-xs r128 for reference), average init, calibrated.
+RELAX_VARIANTS: dict[str, dict[str, object]] = {
+    "rank 0 (pure recursive)": dict(rank=0),
+    "bias (lsq init)": dict(rank=0, relax="bias"),
+    "prefix:64": dict(rank=0, relax="prefix:64"),
+    "lora r3, asvd": dict(rank=3, lora_init="asvd"),
+    "lora-xs r64, asvd": dict(rank=64, relax="lora-xs", lora_init="asvd"),
+    "lora-xs r128, asvd": dict(rank=128, relax="lora-xs", lora_init="asvd"),
+    "lora r64, asvd": dict(rank=64, lora_init="asvd"),
+}
 
 
 def license_prose(root: Path = Path("/usr/share/common-licenses")) -> Path:
@@ -56,6 +67,8 @@ def main() -> None:
     parser.add_argument("--calib-tokens", type=int, default=16384)
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--ctx", type=int, default=256)
+    parser.add_argument("--relax-rows", action="store_true", help="also the --relax variants (RELAX_VARIANTS) under 'relax_rows'")
+    parser.add_argument("--relax-loops", type=int, default=3)
     args = parser.parse_args()
 
     args.data = args.data or str(license_prose())
@@ -86,6 +99,7 @@ def main() -> None:
             "kl": result.per_loop[-1].kl_teacher,
             "non_embedding": model.param_counts()["non_embedding"],
             "lora": model.param_counts()["lora"],
+            "frozen": model.param_counts()["frozen"],
             "convert_s": convert_s,
         }
         rows.append(row)
@@ -115,6 +129,8 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
         "date": time.strftime("%Y-%m-%d"),
     }
+    if args.relax_rows:  # trainable per-depth parameters ("lora") vs fixed ones ("frozen") in each row
+        report["relax_rows"] = [measure(args.relax_loops, name, **options) for name, options in RELAX_VARIANTS.items()]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(report, indent=2))
     print(f"wrote {RESULTS}")
