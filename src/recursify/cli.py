@@ -502,6 +502,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> None:
         new_tokens=args.new_tokens,
         seed=args.seed,
         exit_spec=args.exit,
+        relaxed_exit=args.relaxed_exit,
         max_batch=args.max_batch,
         precision=args.precision,
         data=args.data,
@@ -545,6 +546,7 @@ def _add_serving_commands(sub: Any) -> None:
     bench.add_argument("run", help="recursive checkpoint directory")
     bench.add_argument("--baseline", default=DEFAULT_MODEL, help=f"the original model, run with loops=1 (default: {DEFAULT_MODEL})")
     bench.add_argument("--relaxed", help="a relaxed (LoRA) checkpoint for row 6: depth-wise + exit, and its no-exit reference")
+    bench.add_argument("--relaxed-exit", help="row 6's exit rule; thresholds are calibrated per model (default: --exit)")
     bench.add_argument("--requests", type=_positive_int, default=64, help="requests in the workload (default: 64)")
     bench.add_argument("--arrival", default="all", help="'all' at once or 'poisson:RATE' requests/s (default: all)")
     bench.add_argument("--prompt-tokens", type=_lengths, default=(8, 48), help="prompt length range MIN,MAX (default: 8,48)")

@@ -53,7 +53,7 @@ def test_bench_serve_reports_every_row_with_ratios_and_simulation(checkpoints: t
     source, run, data, relaxed = checkpoints
     out = tmp_path / "bench.json"
     argv = ["bench-serve", str(run), "--baseline", str(source), "--relaxed", str(relaxed), "--requests", "2"]
-    argv += ["--prompt-tokens", "3,6", "--new-tokens", "2,3"]
+    argv += ["--relaxed-exit", "confidence:1.0", "--prompt-tokens", "3,6", "--new-tokens", "2,3"]
     argv += ["--exit", "confidence:0.1", "--max-batch", "2", "--data", str(data), "--max-tokens", "300", "--json", str(out)]
     assert main(argv) == 0
     report = json.loads(out.read_text())
@@ -66,7 +66,8 @@ def test_bench_serve_reports_every_row_with_ratios_and_simulation(checkpoints: t
     assert rows["4 recursive depthwise"]["agreement"] == 1.0 and rows["4 recursive depthwise"]["mean_loops"] == 3.0
     assert rows["1 vanilla static"]["tokens"] == rows["5 recursive depthwise+exit"]["tokens"]
     assert report["ratios"]["vs_static"]["1 vanilla static"] == 1.0
-    assert rows["6n relaxed depthwise"]["agreement"] is None and rows["6 relaxed depthwise+exit"]["agreement"] is not None
+    assert rows["6n relaxed depthwise"]["agreement"] is None and rows["6 relaxed depthwise+exit"]["agreement"] == 1.0
+    assert rows["6 relaxed depthwise+exit"]["exit"] == "confidence:1.0" and rows["6 relaxed depthwise+exit"]["mean_loops"] == 3.0
     row6_over_row5 = rows["6 relaxed depthwise+exit"]["tokens_per_s"] / rows["5 recursive depthwise+exit"]["tokens_per_s"]
     assert report["ratios"]["row6/row5"] == pytest.approx(row6_over_row5)
     overhead = report["overhead"]

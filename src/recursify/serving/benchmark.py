@@ -228,12 +228,14 @@ def bench_serve(
     log: Callable[[str], None] = print,
     relaxed: RecursiveModel | None = None,
     relaxed_label: str = "relaxed",
+    relaxed_exit: str | None = None,
 ) -> dict[str, Any]:
     """The issue's rows on one workload: vanilla static/sequence vs recursive sequence/depth-wise, with and without exits.
 
     Rows 5s (KV ``share`` instead of ``propagate`` for exited tokens) and 5q (sequence-wise with
     exits) isolate what each ingredient gives; with ``relaxed``, row 6n (the relaxed model without
-    exits, the reference for row 6's agreement) and row 6 (relaxed, depth-wise + exit) follow.
+    exits, the reference for row 6's agreement) and row 6 (relaxed, depth-wise + exit) follow;
+    ``relaxed_exit`` (default ``exit_spec``) is row 6's rule, since confidence thresholds are calibrated per model.
     """
     if baseline.loops != 1:
         raise ConfigError(f"--baseline must be the original model (loops=1), got one with {baseline.loops} loops")
@@ -249,7 +251,7 @@ def bench_serve(
     if relaxed is not None:
         plans += [
             ("6n relaxed depthwise", relaxed, relaxed_label, "depthwise", "none", "propagate", None),
-            (ROW6, relaxed, relaxed_label, "depthwise", exit_spec, "propagate", "6n relaxed depthwise"),
+            (ROW6, relaxed, relaxed_label, "depthwise", relaxed_exit or exit_spec, "propagate", "6n relaxed depthwise"),
         ]
     rows: list[RowResult] = []
     outputs: dict[str, dict[str, list[int]]] = {}
@@ -337,6 +339,7 @@ def serving_benchmark(
     new_tokens: tuple[int, int] = (16, 32),
     seed: int = 0,
     exit_spec: str = "confidence:0.9",
+    relaxed_exit: str | None = None,
     max_batch: int = 16,
     precision: str = "fp32",
     data: str | None = None,
@@ -359,7 +362,7 @@ def serving_benchmark(
         workload = make_workload(tokenizer, requests, arrival, seed, prompt_tokens, new_tokens)
         log(f"== arrival {arrival}: {requests} requests ==")
         report["runs"][arrival] = bench_serve(
-            served, original, workload, exit_spec, max_batch, precision, labels[0], labels[1], log, second, labels[2]
+            served, original, workload, exit_spec, max_batch, precision, labels[0], labels[1], log, second, labels[2], relaxed_exit
         )
     report["overhead"] = {
         label: measure_overhead(m, max_batch, precision=precision) for label, m in (("recursive", served), ("relaxed", second)) if m
