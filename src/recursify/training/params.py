@@ -40,13 +40,24 @@ def apply_freeze(model: nn.Module, patterns: list[str]) -> dict[str, int]:
 
 
 def param_groups(modules: list[nn.Module], weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups of the trainable parameters: decay on matrices only, never on gains and biases."""
-    params = [p for module in modules for p in module.parameters() if p.requires_grad]
-    if not params:
+    """AdamW groups of the trainable parameters: decay on matrices only, never on gains and biases.
+
+    Per-depth gains and biases are stacked over visits ([visits, dim], e.g. ``attn_norm.weight``,
+    ``q.bias_delta``), so dimensionality alone cannot tell them from matrices: names decide.
+    """
+    named = [(name, p) for module in modules for name, p in module.named_parameters() if p.requires_grad]
+    if not named:
         raise ConfigError("every parameter is frozen; loosen --freeze so something trains")
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
+    vector = [p.ndim < 2 or is_gain_or_bias(name) for name, p in named]
+    decay = [p for (_, p), skip in zip(named, vector, strict=True) if not skip]
+    no_decay = [p for (_, p), skip in zip(named, vector, strict=True) if skip]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def is_gain_or_bias(name: str) -> bool:
+    """A norm gain or a bias (shared or per depth), by parameter name."""
+    *modules, leaf = name.split(".")
+    return "bias" in leaf or any("norm" in module for module in modules)
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
