@@ -55,6 +55,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", default="16,32")
     parser.add_argument("--exit", default="confidence:0.9")
     parser.add_argument("--relaxed-exit", help="row 6's exit rule (default: --exit)")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds over all rows; each row keeps its fastest")
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--data", help="held-out text for the simulated comparison")
@@ -71,6 +72,7 @@ def main() -> None:
         new_tokens=(low, high),
         exit_spec=args.exit,
         relaxed_exit=args.relaxed_exit,
+        rounds=args.rounds,
         max_batch=args.max_batch,
         precision=args.precision,
         data=args.data,

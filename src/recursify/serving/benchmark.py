@@ -229,6 +229,7 @@ def bench_serve(
     relaxed: RecursiveModel | None = None,
     relaxed_label: str = "relaxed",
     relaxed_exit: str | None = None,
+    rounds: int = 1,
 ) -> dict[str, Any]:
     """The issue's rows on one workload: vanilla static/sequence vs recursive sequence/depth-wise, with and without exits.
 
@@ -236,6 +237,8 @@ def bench_serve(
     exits) isolate what each ingredient gives; with ``relaxed``, row 6n (the relaxed model without
     exits, the reference for row 6's agreement) and row 6 (relaxed, depth-wise + exit) follow;
     ``relaxed_exit`` (default ``exit_spec``) is row 6's rule, since confidence thresholds are calibrated per model.
+    With ``rounds`` > 1 every row runs again in each round and keeps its fastest round (outputs are
+    deterministic; only timing varies), the usual best-of-N on a machine shared with other jobs.
     """
     if baseline.loops != 1:
         raise ConfigError(f"--baseline must be the original model (loops=1), got one with {baseline.loops} loops")
@@ -253,13 +256,16 @@ def bench_serve(
             ("6n relaxed depthwise", relaxed, relaxed_label, "depthwise", "none", "propagate", None),
             (ROW6, relaxed, relaxed_label, "depthwise", relaxed_exit or exit_spec, "propagate", "6n relaxed depthwise"),
         ]
-    rows: list[RowResult] = []
+    best: dict[str, RowResult] = {}
     outputs: dict[str, dict[str, list[int]]] = {}
-    for name, served, label, batching, exit_rule, kv_mode, reference in plans:
-        config = EngineConfig(batching=batching, max_batch=max_batch, exit=exit_rule, kv_mode=kv_mode, precision=precision)
-        row, outputs[name] = measure(name, served, label, config, workload, outputs.get(reference) if reference else None)
-        log(f"{name}: {row.tokens_per_s:.1f} tokens/s, mean loops {row.mean_loops:.2f}, {row.wall_s:.1f}s")
-        rows.append(row)
+    for _ in range(rounds):  # whole rounds, so that load drift on a shared machine hits every row alike
+        for name, served, label, batching, exit_rule, kv_mode, reference in plans:
+            config = EngineConfig(batching=batching, max_batch=max_batch, exit=exit_rule, kv_mode=kv_mode, precision=precision)
+            row, outputs[name] = measure(name, served, label, config, workload, outputs.get(reference) if reference else None)
+            log(f"{name}: {row.tokens_per_s:.1f} tokens/s, mean loops {row.mean_loops:.2f}, {row.wall_s:.1f}s")
+            if name not in best or row.tokens_per_s > best[name].tokens_per_s:
+                best[name] = row
+    rows = list(best.values())
     static, sequence = rows[0].tokens_per_s, rows[1].tokens_per_s
     ratios: dict[str, Any] = {
         "vs_static": {row.name: row.tokens_per_s / static for row in rows},
@@ -340,6 +346,7 @@ def serving_benchmark(
     seed: int = 0,
     exit_spec: str = "confidence:0.9",
     relaxed_exit: str | None = None,
+    rounds: int = 1,
     max_batch: int = 16,
     precision: str = "fp32",
     data: str | None = None,
@@ -362,7 +369,7 @@ def serving_benchmark(
         workload = make_workload(tokenizer, requests, arrival, seed, prompt_tokens, new_tokens)
         log(f"== arrival {arrival}: {requests} requests ==")
         report["runs"][arrival] = bench_serve(
-            served, original, workload, exit_spec, max_batch, precision, labels[0], labels[1], log, second, labels[2], relaxed_exit
+            served, original, workload, exit_spec, max_batch, precision, labels[0], labels[1], log, second, labels[2], relaxed_exit, rounds
         )
     report["overhead"] = {
         label: measure_overhead(m, max_batch, precision=precision) for label, m in (("recursive", served), ("relaxed", second)) if m
