@@ -14,6 +14,7 @@ from recursify.errors import ConfigError
 from recursify.training import HealConfig, heal
 from recursify.training.budget import CpuBudget, budget_lr_factor
 from recursify.training.healing import block_objective, capture_states, normalised_error
+from recursify.training.metrics import read_metrics
 
 FAST = dict(seq_len=16, micro_batch=4, eval_tokens=1024, precision="fp32", quiet=True)
 
@@ -95,3 +96,13 @@ def test_cpu_budget_excludes_paused_time_and_schedules_over_the_budget() -> None
     assert budget_lr_factor(0.0, 0.1, 0.1) < 0.01
     assert budget_lr_factor(0.1, 0.1, 0.1) == pytest.approx(1.0, abs=1e-3)
     assert budget_lr_factor(1.0, 0.1, 0.1) == pytest.approx(0.1, abs=1e-3)
+
+
+def test_kd_evaluations_log_the_training_cpu_time_only(tiny_run, tmp_path) -> None:
+    config = HealConfig(
+        str(tiny_run["student"]), str(tmp_path / "kd"), str(tiny_run["data"]), minutes=0, kd_minutes=0.02, kd_batch_tokens=64, **FAST
+    )
+    report = heal(config)
+    assert report.kd is not None
+    evals = [r for r in read_metrics(tmp_path / "kd" / "metrics.jsonl") if r["event"] == "eval"]
+    assert evals[-1]["cpu_s"] <= report.kd["cpu_minutes"] * 60

@@ -193,8 +193,8 @@ def uptrain(config: UptrainConfig) -> dict[str, Any]:
     def run_eval(step: int) -> None:
         if heldout is None or log is None:
             return
+        cpu_s = budget.used() if budget is not None else 0.0  # read first: the evaluation itself does not count
         metrics = evaluate(accelerator.unwrap_model(model), teacher, heldout, config.micro_batch, precision)
-        cpu_s = budget.used() if budget is not None else 0.0
         log.write({"event": "eval", "step": step, "tokens": tokens_seen, "cpu_s": cpu_s, **metrics})
         summary["eval_before" if step == 0 else "eval_after"] = metrics
 
