@@ -471,6 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.set_defaults(func=cmd_compare)
     _add_training_commands(sub)
     _add_serving_commands(sub)
+    _add_demo_command(sub)
     return parser
 
 
@@ -572,6 +573,35 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16 autocast is ~2x faster on CPU (default: fp32)")
     parser.add_argument("--seed", type=int, default=0, help="workload seed (default: 0)")
     parser.add_argument("--json", metavar="OUT", help="write the JSON report to OUT ('-' = stdout)")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    """The main job on the embedded model: convert a grid, uptrain with KD, post-train exits, evaluate, serve, report.
+
+    Sized to --minutes on this machine (measured first), resumable (rerun to continue, --fresh to redo);
+    writes OUT/report.md, OUT/report.json and OUT/plots/*.png with the exact command behind every row.
+    """
+    from recursify.demo import DemoOptions, run_demo
+
+    options = DemoOptions(args.out, args.minutes, args.quick, args.model, args.data, args.tasks, args.seed)
+    quiet_transformers()
+    run_demo(options, fresh=args.fresh)
+
+
+def _add_demo_command(sub: Any) -> None:
+    help_text = "the main job: convert, uptrain, evaluate and serve the embedded model"
+    demo = sub.add_parser("demo", help=help_text, description=cmd_demo.__doc__)
+    demo.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
+    demo.add_argument("--minutes", type=float, default=20.0, help="wall-clock budget of the whole run (default: 20)")
+    demo.add_argument("--quick", action="store_true", help="tiny budgets: every stage in under 3 minutes (a smoke run)")
+    demo.add_argument("--model", default=DEFAULT_MODEL, help=f"source model (default: {DEFAULT_MODEL}, embedded)")
+    demo.add_argument("--data", help="train and evaluate on this --data spec (default: text sampled from the model, teacher:N)")
+    demo.add_argument(
+        "--tasks", nargs="+", metavar="TASK", help="multiple-choice tasks (default: bigbench:general_knowledge when cached or fetchable)"
+    )
+    demo.add_argument("--seed", type=int, default=0, help="data and sampling seed (default: 0)")
+    demo.add_argument("--fresh", action="store_true", help="discard an earlier run in --out and start over")
+    demo.set_defaults(func=cmd_demo)
 
 
 def _version() -> str:
