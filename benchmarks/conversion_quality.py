@@ -13,7 +13,7 @@ With ``--heal-minutes M`` it also measures the healing curve at equal CPU time f
 CPU-minutes vs local block-wise healing for ``--local-share`` of M followed by KD for the rest (both by
 ``recursify.training.heal``, on the data's train split), with held-out KL / perplexity along the way (the
 runs' own evaluations, rows of ``--heal-seq-len``) and at the end (this script's sliding windows, like
-the rows above). Results go under "healing"; ``--skip-init`` keeps the init rows of an existing JSON.
+the rows above). Results go under "healing", keyed by loops; a run keeps every result of the existing JSON it does not redo.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def main() -> None:
     parser.add_argument("--heal-seq-len", type=int, default=128)
     parser.add_argument("--heal-init", help="heal this checkpoint (made by the same recipe) instead of converting")
     parser.add_argument("--kd-eval-every", type=int, default=10, help="KD steps between curve points")
-    parser.add_argument("--skip-init", action="store_true", help="only the healing curve; keep the other rows of the JSON")
+    parser.add_argument("--skip-init", action="store_true", help="skip the init rows (the JSON keeps every result a run does not redo)")
     args = parser.parse_args()
 
     args.data = args.data or str(license_prose())
@@ -151,11 +151,13 @@ def main() -> None:
         date=time.strftime("%Y-%m-%d"),
     )
     if args.heal_minutes > 0:
-        report["healing"] = healing_curve(args, source, calibration, original, heldout)
-    if args.skip_init and RESULTS.is_file():  # keep the rows this run skipped (read now: another run may have added some)
-        report = {**json.loads(RESULTS.read_text()), **report}
+        curve = healing_curve(args, source, calibration, original, heldout)
+        report["healing"] = {str(curve["loops"]): curve}
     if args.relax_rows:  # trainable per-depth parameters ("lora") vs fixed ones ("frozen") in each row
         report["relax_rows"] = [measure(args.relax_loops, name, **options) for name, options in RELAX_VARIANTS.items()]
+    if RESULTS.is_file():  # keep what this run did not measure (read now: another run may have added some)
+        previous = json.loads(RESULTS.read_text())
+        report = {**previous, **report, "healing": {**previous.get("healing", {}), **report.get("healing", {})}}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(report, indent=2))
     print(f"wrote {RESULTS}")

@@ -82,8 +82,9 @@ class Speeds:
     """Measured throughput of the source model on this machine, tokens per second.
 
     Attributes:
-        forward: no-grad forward (the KD teacher's cost, and evaluation's).
-        train: forward + backward of the source model (a loops-B student has the same depth, plus LoRA).
+        forward: no-grad forward (evaluation's cost).
+        train: one whole KD step of the source model as its own student (teacher forward, student
+            forward + backward, KL over the vocabulary, AdamW); a loops-B student has the same depth, plus LoRA.
         sample: batched sampling (the teacher-written training corpus).
     """
 
@@ -161,30 +162,41 @@ QUICK_BUDGET = Budget(
 )
 
 # Shares of the wall-clock budget; training takes what the others leave.
-EVAL_SHARE, SERVE_SHARE, FIXED_SHARE = 0.15, 0.10, 0.10
-HELDOUT_SHARE = 0.05  # a teacher:N corpus also samples a held-out split of about N / 20 tokens (at least 4k)
+EVAL_SHARE, SERVE_SHARE, FIXED_SHARE = 0.15, 0.10, 0.15
+UPTRAIN_EVALS = 3  # held-out evaluations per uptraining run: before, halfway, after
+
+
+def corpus_tokens(train_tokens: int) -> int:
+    """Tokens a ``teacher:N`` corpus samples: N for training plus its held-out split (see ``recursify.data``)."""
+    from recursify.data import HELDOUT_BUCKETS, MIN_HELDOUT_TOKENS
+
+    return train_tokens + max(math.ceil(train_tokens / HELDOUT_BUCKETS), min(train_tokens, MIN_HELDOUT_TOKENS))
 
 
 def plan_budget(minutes: float, speeds: Speeds, shape: Shape, grid: tuple[ModelSpec, ...] = GRID) -> Budget:
     """Size the default run so it fits ``minutes`` on a machine with ``speeds``.
 
-    Cost model per training token: sampling it from the teacher once, then for every model a teacher
-    forward plus a student forward + backward priced as the source's, scaled by the LoRA overhead;
-    early-exit post-training adds half the tokens again for one model. Evaluation scores ``eval_tokens``
-    with the model and the teacher for every model and the original.
+    Cost model: sampling the corpus once; per model and training token one measured KD step's share,
+    scaled up by the LoRA overhead, plus the run's own held-out evaluations; early-exit post-training
+    adds half the tokens again for one model. Evaluation scores ``eval_tokens`` with the model and the
+    teacher for every model and the original. Conversion, loading and the serving benchmark get fixed shares.
     """
     total_s = minutes * 60.0
     seq_len, batch_tokens, micro_batch = 128, 1024, 4
-    per_token_model = [1.0 / speeds.forward + (1.0 + shape.lora_overhead(spec.rank)) / speeds.train for spec in grid]
-    exit_cost = 0.5 * max(per_token_model)
-    per_token = (1.0 + HELDOUT_SHARE) / speeds.sample + sum(per_token_model) + exit_cost
-    train_s = total_s * (1.0 - EVAL_SHARE - SERVE_SHARE - FIXED_SHARE)
-    train_tokens = max(batch_tokens, int(train_s / per_token) // batch_tokens * batch_tokens)
     evaluated = len(grid) + 2  # the grid, the exit-trained model and the original
     eval_tokens = int(total_s * EVAL_SHARE * 0.6 * speeds.forward / (2 * evaluated))  # 40% left for tasks
     eval_tokens = min(16_384, max(1024, eval_tokens // 256 * 256))
+    uptrain_eval_tokens = min(1024, eval_tokens)
+    runs = len(grid) + 1
+    per_token_model = [(1.0 + shape.lora_overhead(spec.rank)) / speeds.train for spec in grid]
+    per_token = sum(per_token_model) + 0.5 * max(per_token_model)
+    fixed_train_s = runs * UPTRAIN_EVALS * 2 * uptrain_eval_tokens / speeds.forward
+    train_s = total_s * (1.0 - EVAL_SHARE - SERVE_SHARE - FIXED_SHARE) - fixed_train_s
+    train_tokens = batch_tokens
+    while _train_cost(train_tokens + batch_tokens, per_token, speeds.sample) <= train_s:
+        train_tokens += batch_tokens
     estimate = {
-        "train": train_tokens * per_token,
+        "train": _train_cost(train_tokens, per_token, speeds.sample) + fixed_train_s,
         "eval": 2 * evaluated * eval_tokens / speeds.forward / 0.6,
         "serve": total_s * SERVE_SHARE,
         "fixed": total_s * FIXED_SHARE,
@@ -194,7 +206,7 @@ def plan_budget(minutes: float, speeds: Speeds, shape: Shape, grid: tuple[ModelS
         exit_tokens=max(batch_tokens, train_tokens // 2 // batch_tokens * batch_tokens),
         calib_tokens=min(16_384, train_tokens),
         eval_tokens=eval_tokens,
-        uptrain_eval_tokens=min(2048, eval_tokens),
+        uptrain_eval_tokens=uptrain_eval_tokens,
         seq_len=seq_len,
         batch_tokens=batch_tokens,
         micro_batch=micro_batch,
@@ -207,3 +219,7 @@ def plan_budget(minutes: float, speeds: Speeds, shape: Shape, grid: tuple[ModelS
         max_batch=16,
         estimate_s={k: round(v, 1) for k, v in estimate.items()},
     )
+
+
+def _train_cost(train_tokens: int, per_token_s: float, sample_speed: float) -> float:
+    return corpus_tokens(train_tokens) / sample_speed + train_tokens * per_token_s

@@ -18,11 +18,14 @@ def model_shape(model: RecursiveModel) -> Shape:
 
 
 def measure_speeds(model: RecursiveModel, seed: int = 0) -> Speeds:
-    """Time one forward, one forward + backward and a short sampling run (after a warm-up forward).
+    """Time one forward, a short sampling run and one KD training step (after a warm-up forward).
 
-    Gradients are computed and dropped; the weights are not changed.
+    The training step is the real thing, not a proxy: the model as its own teacher (no-grad forward),
+    a student forward, forward KL over the whole vocabulary, backward and an AdamW update. It changes
+    ``model``'s weights, so pass a copy you will not use again (the demo's probe model is dropped).
     """
     from recursify.data import sample_corpus
+    from recursify.training.losses import kd_divergence
 
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(model.arch.vocab_size, (PROBE_ROWS, PROBE_SEQ), generator=generator)
@@ -33,14 +36,18 @@ def measure_speeds(model: RecursiveModel, seed: int = 0) -> Speeds:
         began = time.perf_counter()
         model(ids)
         forward = tokens / (time.perf_counter() - began)
-    model.train()
-    began = time.perf_counter()
-    model(ids).logits.float().logsumexp(-1).mean().backward()
-    train = tokens / (time.perf_counter() - began)
-    model.zero_grad(set_to_none=True)
-    model.eval()
     sample_tokens = 1024
     began = time.perf_counter()
     sample_corpus(model, sample_tokens, seed, progress=False)
     sample = sample_tokens / (time.perf_counter() - began)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    model.train()
+    began = time.perf_counter()
+    with torch.no_grad():
+        teacher_logits = model(ids).logits
+    kd_divergence(model(ids).logits, teacher_logits).backward()
+    optimizer.step()
+    train = tokens / (time.perf_counter() - began)
+    model.zero_grad(set_to_none=True)
+    model.eval()
     return Speeds(forward=forward, train=train, sample=sample)

@@ -18,7 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from recursify.demo.plan import EXIT_MODEL, EXITS_SUFFIX, GRID, QUICK_BUDGET, Budget, DemoOptions, ModelSpec, plan_budget
+from recursify.demo.plan import EXIT_MODEL, EXITS_SUFFIX, GRID, QUICK_BUDGET, UPTRAIN_EVALS, Budget, DemoOptions, ModelSpec, plan_budget
 from recursify.demo.steps import Progress, StepLog, run_step
 from recursify.errors import CheckpointError, ConfigError, RecursifyError
 from recursify.files import write_json
@@ -151,8 +151,9 @@ class Demo:
         steps = max(1, tokens // budget.batch_tokens)
         argv = ["uptrain", str(student), "--teacher", self.options.model, "--data", self.data_spec, "--tokens", str(tokens)]
         argv += ["--seq-len", str(budget.seq_len), "--batch-tokens", str(budget.batch_tokens), "--micro-batch", str(budget.micro_batch)]
-        argv += ["--lr", str(budget.lr), "--eval-tokens", str(budget.uptrain_eval_tokens), "--eval-every", str(max(1, steps // 4))]
-        return argv + ["--save-every", str(max(1, steps // 4)), "--seed", str(self.options.seed), "--out", str(out)]
+        every = str(max(1, steps // (UPTRAIN_EVALS - 1)))  # evaluations before, in between and after
+        argv += ["--lr", str(budget.lr), "--eval-tokens", str(budget.uptrain_eval_tokens), "--eval-every", every]
+        return argv + ["--save-every", every, "--seed", str(self.options.seed), "--out", str(out)]
 
     def evaluated_models(self) -> dict[str, str]:
         """Report name -> what ``recursify eval`` opens: the original, the uptrained grid, the exit-trained model."""
