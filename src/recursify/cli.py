@@ -593,7 +593,7 @@ def _add_demo_command(sub: Any) -> None:
     demo = sub.add_parser("demo", help=help_text, description=cmd_demo.__doc__)
     demo.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
     demo.add_argument("--minutes", type=float, default=20.0, help="wall-clock budget of the whole run (default: 20)")
-    demo.add_argument("--quick", action="store_true", help="tiny budgets: every stage in under 3 minutes (a smoke run)")
+    demo.add_argument("--quick", action="store_true", help="tiny budgets: every stage once, a smoke run of a few minutes")
     demo.add_argument("--model", default=DEFAULT_MODEL, help=f"source model (default: {DEFAULT_MODEL}, embedded)")
     demo.add_argument("--data", help="train and evaluate on this --data spec (default: text sampled from the model, teacher:N)")
     demo.add_argument(
