@@ -24,7 +24,7 @@ class DemoOptions:
     Attributes:
         out: run directory; every artefact of the demo lives below it.
         minutes: wall-clock budget of the whole default run (ignored by ``quick``).
-        quick: tiny fixed budgets, a smoke run of every stage (4.9 minutes measured on one core beside another job).
+        quick: tiny fixed budgets, a smoke run of every stage (2.7 minutes measured on 2 idle cores, in CI).
         model: the source model (the embedded default ``smollm2-135m`` unless a user points elsewhere).
         data: ``--data`` spec to train and evaluate on; None = text sampled from the model (``teacher:N``).
         tasks: multiple-choice task specs; None = ``DEFAULT_TASKS`` when already cached (never fetched by ``quick``).
