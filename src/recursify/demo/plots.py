@@ -23,7 +23,7 @@ def loss_curves_plot(runs: dict[str, list[dict[str, Any]]], path: str | os.PathL
         for name, records in runs.items():
             train = [r for r in records if r.get("event") == "train"]
             left.plot([r["tokens"] for r in train], [r["loss"] for r in train], label=name)
-            evals = [(r["tokens"], _last_exit_kl(r)) for r in records if r.get("event") == "eval"]
+            evals = [(r["tokens"], last_exit_kl(r)) for r in records if r.get("event") == "eval"]
             evals = [(tokens, kl) for tokens, kl in evals if kl is not None]
             right.plot([t for t, _ in evals], [kl for _, kl in evals], marker="o", label=name)
         left.set_title("training loss")
@@ -39,8 +39,9 @@ def loss_curves_plot(runs: dict[str, list[dict[str, Any]]], path: str | os.PathL
         plt.close(figure)
 
 
-def _last_exit_kl(record: dict[str, Any]) -> float | None:
-    exits = sorted((int(key.removeprefix("kl/exit")), value) for key, value in record.items() if key.startswith("kl/exit"))
+def last_exit_kl(metrics: dict[str, Any] | None) -> float | None:
+    """KL to the teacher at the last exit of an uptraining evaluation record (``kl/exit1..B``); None without one."""
+    exits = sorted((int(key.removeprefix("kl/exit")), value) for key, value in (metrics or {}).items() if key.startswith("kl/exit"))
     return float(exits[-1][1]) if exits else None
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from recursify.demo.plan import EXIT_MODEL, EXITS_SUFFIX, GRID
+from recursify.demo.plots import last_exit_kl
 from recursify.files import write_json, write_text
 
 if TYPE_CHECKING:
@@ -73,13 +74,6 @@ def _uptrain_summary(run: Path) -> dict[str, Any]:
     return summary
 
 
-def _last_exit(metrics: dict[str, Any] | None, prefix: str) -> float | None:
-    if not metrics:
-        return None
-    values = sorted((int(k.removeprefix(prefix)), v) for k, v in metrics.items() if k.startswith(prefix))
-    return values[-1][1] if values else None
-
-
 def headline_row(name: str, entry: dict[str, Any]) -> dict[str, Any]:
     evaluated = entry["eval"]
     params = evaluated["params"]
@@ -93,7 +87,7 @@ def headline_row(name: str, entry: dict[str, Any]) -> dict[str, Any]:
         "ratio": params["ratio"],
         "ppl": evaluated["ppl"]["value"],
         "kl": per_loop[-1].get("kl_teacher", 0.0) if per_loop else 0.0,
-        "kl_before": _last_exit(uptrain.get("before"), "kl/exit"),
+        "kl_before": last_exit_kl(uptrain.get("before")),
         "oracle_loops": evaluated["oracle_exit"]["mean_loops"] if "oracle_exit" in evaluated else 1.0,
         "acc": sum(t["acc"] for t in tasks.values()) / len(tasks) if tasks else None,
     }

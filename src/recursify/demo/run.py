@@ -14,11 +14,23 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from recursify.demo.plan import EXIT_MODEL, EXITS_SUFFIX, GRID, QUICK_BUDGET, UPTRAIN_EVALS, Budget, DemoOptions, ModelSpec, plan_budget
+from recursify.demo.plan import (
+    DEFAULT_TASKS,
+    EXIT_MODEL,
+    EXITS_SUFFIX,
+    GRID,
+    QUICK_BUDGET,
+    UPTRAIN_EVALS,
+    Budget,
+    DemoOptions,
+    ModelSpec,
+    plan_budget,
+)
 from recursify.demo.steps import Progress, StepLog, run_step
 from recursify.errors import CheckpointError, ConfigError, RecursifyError
 from recursify.files import write_json
@@ -37,23 +49,26 @@ class Demo:
         self.root = Path(options.out)
         self.steps = StepLog(self.root)
         self.progress = progress or Progress()
-        self._prepare(fresh)
-        self.plan: dict[str, Any] = {}
+        self.plan: dict[str, Any] = self._saved_plan(fresh)  # empty for a new run; the model stage fills it
 
-    def _prepare(self, fresh: bool) -> None:
+    def _saved_plan(self, fresh: bool) -> dict[str, Any]:
+        """The plan of an earlier run in ``out`` (checked against these options), or {} to start anew."""
         saved = self.root / DEMO_FILE
         if self.root.exists() and any(self.root.iterdir()) and not saved.is_file():
             raise ConfigError(f"{self.root} exists and is not a demo run directory; pick another --out or remove it")
         if fresh and saved.is_file():
             shutil.rmtree(self.root)
-        if saved.is_file():
-            previous = json.loads(saved.read_text(encoding="utf-8"))["options"]
-            changed = [f"{k} was {previous.get(k)!r}, now {v!r}" for k, v in self.options.to_dict().items() if previous.get(k) != v]
-            if changed:
-                raise ConfigError(
-                    f"{self.root} holds a demo run made with other options ({'; '.join(changed)}); "
-                    "rerun with the same options to continue it, or add --fresh to start over"
-                )
+        if not saved.is_file():
+            return {}
+        plan: dict[str, Any] = json.loads(saved.read_text(encoding="utf-8"))
+        previous = plan["options"]
+        changed = [f"{k} was {previous.get(k)!r}, now {v!r}" for k, v in self.options.to_dict().items() if previous.get(k) != v]
+        if changed:
+            raise ConfigError(
+                f"{self.root} holds a demo run made with other options ({'; '.join(changed)}); "
+                "rerun with the same options to continue it, or add --fresh to start over"
+            )
+        return plan
 
     # paths --------------------------------------------------------------------------------------
     def converted(self, name: str) -> Path:
@@ -95,9 +110,7 @@ class Demo:
 
         self.progress.stage("model")
         began = time.perf_counter()
-        saved = self.root / DEMO_FILE
-        if saved.is_file():
-            self.plan = json.loads(saved.read_text(encoding="utf-8"))
+        if self.plan:
             self.progress.say(f"  continuing the run in {self.root} (budget fixed at its start; --fresh redoes it)")
             return
         quiet_transformers()
@@ -116,7 +129,7 @@ class Demo:
             "budget": budget.to_dict(),
             "source": {"spec": self.options.model, "params": info["params"]},
         }
-        write_json(saved, self.plan)
+        write_json(self.root / DEMO_FILE, self.plan)
         self.steps.record("model/plan", {"seconds": round(time.perf_counter() - began, 2)})
         self.progress.say(
             f"  budget: {budget.train_tokens} training tokens per model, {budget.exit_tokens} for exits, "
@@ -176,7 +189,6 @@ class Demo:
 
     def tasks(self) -> list[str]:
         """The multiple-choice tasks, decided once: the user's, or the defaults when cached or fetchable."""
-        from recursify.demo.plan import DEFAULT_TASKS
         from recursify.evaluation.bigbench import bigbench_root, fetch_bigbench
 
         key = "evaluate/tasks"
@@ -208,11 +220,11 @@ class Demo:
         run_step(self.steps, self.progress, "serve/bench", argv)
 
 
-def _overwrite_if_exists(path: Path) -> Any:
+def _overwrite_if_exists(path: Path) -> Callable[[], list[str]]:
     return lambda: ["--overwrite"] if path.exists() else []
 
 
-def _resume_or_overwrite(path: Path) -> Any:
+def _resume_or_overwrite(path: Path) -> Callable[[], list[str]]:
     """``--resume`` when an interrupted uptraining left a checkpoint, ``--overwrite`` when it left only files."""
 
     def flags() -> list[str]:
