@@ -111,6 +111,14 @@ def test_foreign_directory_is_refused(tmp_path: Path, capsys: pytest.CaptureFixt
     assert (tmp_path / "precious.txt").read_text() == "keep me"
 
 
+def test_out_that_is_a_file_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "notes.txt").write_text("keep me")
+    assert main(["demo", "--quick", "--out", str(tmp_path / "notes.txt")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("recursify: error: --out") and len(err.strip().splitlines()) == 1
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+
+
 def test_budget_grows_with_minutes_and_speed() -> None:
     shape = Shape(hidden=576, intermediate=1536, q_out=576, kv_out=192)
     slow, fast = Speeds(forward=500, train=120, sample=150), Speeds(forward=1000, train=240, sample=300)

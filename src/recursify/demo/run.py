@@ -54,6 +54,8 @@ class Demo:
     def _saved_plan(self, fresh: bool) -> dict[str, Any]:
         """The plan of an earlier run in ``out`` (checked against these options), or {} to start anew."""
         saved = self.root / DEMO_FILE
+        if self.root.exists() and not self.root.is_dir():
+            raise ConfigError(f"--out {self.root} is a file; give a directory for the demo run")
         if self.root.exists() and any(self.root.iterdir()) and not saved.is_file():
             raise ConfigError(f"{self.root} exists and is not a demo run directory; pick another --out or remove it")
         if fresh and saved.is_file():
