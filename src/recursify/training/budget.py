@@ -18,15 +18,32 @@ _SCHEDULE_RESOLUTION = 10_000
 
 
 class CpuBudget:
-    """A budget of CPU seconds that starts counting when created; ``paused()`` excludes evaluation."""
+    """A budget of CPU seconds on top of ``already_used`` (by a run being resumed); ``paused()`` excludes evaluation.
 
-    def __init__(self, seconds: float, already_used: float = 0.0):
+    It counts from its creation, or, created with ``started=False``, from ``start()``: uptraining
+    builds its learning-rate schedule over the budget while setting up, but the setup and the first
+    evaluation must not spend it (until then it reads ``already_used``).
+    """
+
+    def __init__(self, seconds: float, already_used: float = 0.0, started: bool = True):
         self.seconds = seconds
-        self._start = time.process_time() - already_used
+        self._already_used = already_used
+        self._start = 0.0
         self._excluded = 0.0
+        self.started = False
+        if started:
+            self.start()
+
+    def start(self) -> None:
+        """Count from now on."""
+        self._start = time.process_time() - self._already_used
+        self._excluded = 0.0
+        self.started = True
 
     def used(self) -> float:
         """CPU seconds spent so far, excluding paused stretches."""
+        if not self.started:
+            return self._already_used
         return time.process_time() - self._start - self._excluded
 
     def fraction(self) -> float:
