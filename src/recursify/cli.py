@@ -181,9 +181,10 @@ def _count_or_zero(value: str) -> int:
 
 def cmd_uptrain(args: argparse.Namespace) -> None:
     """Uptrain a converted model: KD from the original (online teacher), early-exit losses, resumable."""
+    from recursify.training.common import default_teacher
     from recursify.training.config import UptrainConfig
     from recursify.training.losses import LossConfig
-    from recursify.training.uptrain import default_teacher, uptrain
+    from recursify.training.uptrain import uptrain
 
     teacher = None if args.no_teacher else (args.teacher or default_teacher(args.student))
     kd_weight = args.kd_weight if args.kd_weight is not None else (1.0 if teacher else 0.0)

@@ -31,19 +31,19 @@ from recursify.modeling.layers import AttentionContext, build_masks
 from recursify.modeling.model import RecursiveModel
 from recursify.text import PRECISIONS, precision_context, require_tokenizer
 from recursify.training.budget import CpuBudget, budget_lr_factor
-from recursify.training.config import UptrainConfig
-from recursify.training.metrics import MetricsLog
-from recursify.training.schedule import batch_rows
-from recursify.training.uptrain import (
+from recursify.training.common import (
     BETAS,
     ExitModel,
     check_tokenizers,
     default_teacher,
-    evaluate,
+    exit_metrics,
     heldout_rows,
     open_teacher,
     resolve_precision,
 )
+from recursify.training.config import UptrainConfig
+from recursify.training.metrics import MetricsLog
+from recursify.training.schedule import batch_rows
 
 HEAL_LOG = "heal.jsonl"
 WARMUP_FRACTION = 0.05
@@ -365,5 +365,5 @@ def _kd_phase(config: HealConfig, student_dir: str, teacher_spec: str) -> dict[s
 
 
 def _kl_ppl(student: RecursiveModel, teacher: RecursiveModel, rows: torch.Tensor, micro_batch: int, precision: str) -> dict[str, float]:
-    metrics = evaluate(ExitModel(student, None, exits=False), teacher, rows, micro_batch, precision)
+    metrics = exit_metrics(ExitModel(student, None, exits=False), teacher, rows, micro_batch, precision)
     return {"kl": metrics["kl"], "ppl": metrics["ppl"]}

@@ -19,34 +19,29 @@ from typing import Any
 import torch
 from torch import nn
 
-from recursify.checkpoint import check_writable, is_checkpoint, load, read_config
+from recursify.checkpoint import check_writable, is_checkpoint, load
 from recursify.data import load_tokens, pack
 from recursify.errors import CheckpointError, ConfigError, DataError, TrainingError
 from recursify.modeling.model import RecursiveModel
 from recursify.text import precision_context, require_tokenizer
 from recursify.training import checkpointing
 from recursify.training.budget import CpuBudget, budget_lr_factor
+from recursify.training.common import (
+    BETAS,
+    ExitModel,
+    check_tokenizers,
+    exit_metrics,
+    heldout_rows,
+    open_teacher,
+    resolve_precision,
+    teacher_logits,
+)
 from recursify.training.config import UptrainConfig
-from recursify.training.exit_ensemble import ExitEnsemble, load_exit_ensemble
-from recursify.training.losses import kd_divergence, next_token_ce, uptrain_loss
+from recursify.training.exit_ensemble import load_exit_ensemble
+from recursify.training.losses import uptrain_loss
 from recursify.training.metrics import MetricsLog
 from recursify.training.params import apply_freeze, enable_gradient_checkpointing, param_groups
 from recursify.training.schedule import batch_rows, lr_factor
-
-BETAS = (0.9, 0.95)
-
-
-class ExitModel(nn.Module):
-    """The student plus its optional exit ensemble, as one module for DDP: input ids -> exit logits."""
-
-    def __init__(self, student: RecursiveModel, ensemble: ExitEnsemble | None, exits: bool):
-        super().__init__()
-        self.student, self.ensemble, self.exits = student, ensemble, exits
-
-    def forward(self, input_ids: torch.Tensor) -> list[torch.Tensor]:
-        out = self.student(input_ids, output_exits=self.exits)
-        logits = out.exit_logits if out.exit_logits is not None else [out.logits]
-        return self.ensemble(logits) if self.ensemble is not None else logits
 
 
 @dataclass
@@ -70,51 +65,6 @@ def plan_run(config: UptrainConfig, world_size: int) -> RunPlan:
     total = math.ceil(config.tokens / (rows * config.seq_len))
     warmup = config.warmup_steps if config.warmup_steps is not None else round(0.05 * total)
     return RunPlan(config.seq_len, rows, rows // world_size, total, warmup)
-
-
-def open_teacher(spec: str) -> RecursiveModel:
-    """A teacher model: a recursify checkpoint as saved, or any --model source as the original (loops=1)."""
-    from recursify.conversion.convert import convert
-
-    teacher = load(spec) if is_checkpoint(spec) else convert(spec, loops=1, progress=False)
-    teacher.requires_grad_(False)
-    return teacher.eval()
-
-
-def default_teacher(student_dir: str) -> str | None:
-    """The model a checkpoint was converted from (its own original is the natural teacher)."""
-    return read_config(student_dir).get("source", {}).get("spec") or None
-
-
-def check_tokenizers(student: RecursiveModel, teacher: RecursiveModel) -> None:
-    """Refuse a teacher whose vocabulary differs from the student's: KD over ids would be meaningless."""
-    if student.arch.vocab_size != teacher.arch.vocab_size:
-        raise ConfigError(
-            f"student and teacher vocabularies differ ({student.arch.vocab_size} vs {teacher.arch.vocab_size} ids); "
-            "pick the teacher the student was converted from"
-        )
-    student_tok, teacher_tok = require_tokenizer(student), teacher.tokenizer
-    if teacher_tok is not None and (student_tok.get_vocab() != teacher_tok.get_vocab() or student_tok.eos_token != teacher_tok.eos_token):
-        raise ConfigError(
-            "student and teacher tokenizers differ (vocabulary or EOS token); pick the teacher the student was converted from"
-        )
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` -> bf16 where the hardware computes in bf16 natively, else fp32."""
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if device.type == "cpu" and _cpu_has_bf16() else "fp32"
-
-
-def _cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux: stay exact
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def uptrain(config: UptrainConfig) -> dict[str, Any]:
@@ -194,7 +144,7 @@ def uptrain(config: UptrainConfig) -> dict[str, Any]:
         if heldout is None or log is None:
             return
         cpu_s = budget.used() if budget is not None else 0.0  # read first: the evaluation itself does not count
-        metrics = evaluate(accelerator.unwrap_model(model), teacher, heldout, config.micro_batch, precision)
+        metrics = exit_metrics(accelerator.unwrap_model(model), teacher, heldout, config.micro_batch, precision)
         log.write({"event": "eval", "step": step, "tokens": tokens_seen, "cpu_s": cpu_s, **metrics})
         summary["eval_before" if step == 0 else "eval_after"] = metrics
 
@@ -291,8 +241,8 @@ def _train_step(
         with contextlib.nullcontext() if sync else accelerator.no_sync(model):
             with precision_context(precision, batch.device):
                 exit_logits = model(chunk)
-                teacher_logits = _teacher_logits(teacher, chunk)
-            loss, metrics = uptrain_loss(exit_logits, chunk, teacher_logits, config.loss, first_exit)
+                target_logits = teacher_logits(teacher, chunk)
+            loss, metrics = uptrain_loss(exit_logits, chunk, target_logits, config.loss, first_exit)
             share = chunk.shape[0] / batch.shape[0]
             accelerator.backward(loss * share)
         for key, value in metrics.items():
@@ -300,50 +250,3 @@ def _train_step(
     keys = sorted(totals)
     reduced = accelerator.reduce(torch.tensor([totals[k] for k in keys], device=batch.device), reduction="mean")
     return dict(zip(keys, reduced.tolist(), strict=True))
-
-
-def _teacher_logits(teacher: RecursiveModel | None, input_ids: torch.Tensor) -> torch.Tensor | None:
-    if teacher is None:
-        return None
-    with torch.no_grad():
-        return teacher(input_ids).logits
-
-
-def heldout_rows(
-    spec: str, tokenizer: Any, eval_tokens: int, seq_len: int, seed: int, teacher: RecursiveModel | None
-) -> torch.Tensor | None:
-    """The held-out split of ``spec`` packed into rows of ``seq_len`` for evaluation; None when ``eval_tokens`` is 0."""
-    if eval_tokens == 0:
-        return None
-    try:
-        tokens = load_tokens(spec, tokenizer, "heldout", eval_tokens, seed, teacher)
-    except DataError as err:
-        raise DataError(f"{err}; or pass --eval-tokens 0 to skip held-out evaluation") from err
-    return pack(tokens, min(seq_len, tokens.numel()))
-
-
-@torch.no_grad()
-def evaluate(model: ExitModel, teacher: RecursiveModel | None, rows: torch.Tensor, micro_batch: int, precision: str) -> dict[str, float]:
-    """Held-out CE and perplexity per exit, and KL(teacher || student) per exit when there is a teacher."""
-    was_training, exits = model.training, model.exits
-    model.eval()
-    model.exits = True
-    sums: dict[str, float] = {}
-    device = next(model.parameters()).device
-    for chunk in rows.split(micro_batch):
-        chunk = chunk.to(device)
-        with precision_context(precision, device):
-            exit_logits = model(chunk)
-            teacher_logits = _teacher_logits(teacher, chunk)
-        share = chunk.shape[0] / rows.shape[0]
-        for b, logits in enumerate(exit_logits, start=1):
-            sums[f"ce/exit{b}"] = sums.get(f"ce/exit{b}", 0.0) + float(next_token_ce(logits, chunk)) * share
-            if teacher_logits is not None:
-                sums[f"kl/exit{b}"] = sums.get(f"kl/exit{b}", 0.0) + float(kd_divergence(logits, teacher_logits)) * share
-    model.train(was_training)
-    model.exits = exits
-    last = len([k for k in sums if k.startswith("ce/")])
-    sums["ppl"] = math.exp(sums[f"ce/exit{last}"])
-    if teacher is not None:
-        sums["kl"] = sums[f"kl/exit{last}"]
-    return sums
