@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from recursify import load
 from recursify.errors import ConfigError, TrainingError
+from recursify.training.budget import budget_lr_factor
 from recursify.training.checkpointing import latest_checkpoint
 from recursify.training.config import UptrainConfig
 from recursify.training.losses import LossConfig
@@ -83,6 +84,16 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_run, tmp_path
     assert f"step {step})" in str(info.value) and 1 <= step < 6
     assert all(r["step"] <= step + 1 for r in read_metrics(tmp_path / "run" / "metrics.jsonl"))
     load(tmp_path / "run")
+
+
+def test_cpu_budget_starts_with_the_first_step(tiny_run, tmp_path) -> None:
+    # setup must not spend the budget (0.06 CPU-s, less than loading the models takes): the first step runs at the
+    # first warmup rate of the schedule over the budget; a budget counting even 6 CPU-us earlier would raise it
+    config = _config(tiny_run, tmp_path / "run", tokens=100 * 64, cpu_minutes=0.001, warmup_steps=10, lr=1e-3, min_lr_ratio=0.1)
+    summary = uptrain(config)
+    first = next(r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["event"] == "train")
+    assert first["lr"] == pytest.approx(1e-3 * budget_lr_factor(0.0, 10 / 100, 0.1))
+    assert summary["steps_run"] < 100 and summary["cpu_minutes"] >= 0.001
 
 
 def test_exit_losses_and_ensemble_run(tiny_run, tmp_path) -> None:

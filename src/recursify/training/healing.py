@@ -214,10 +214,35 @@ def block_objective(student: RecursiveModel, states: torch.Tensor, micro_batch: 
     return totals
 
 
+@dataclass
+class _Healing:
+    """The state a healing run's evaluations and local phase share: models, data, the log, the report being filled."""
+
+    config: HealConfig
+    student: RecursiveModel
+    teacher: RecursiveModel
+    precision: str
+    train_rows: torch.Tensor  # [rows, seq_len] calibration tokens
+    heldout: torch.Tensor | None  # [rows, seq_len] held-out tokens; None without evaluation
+    heldout_states: torch.Tensor | None  # the teacher's residual stream on them, [L + 1, rows, seq_len, hidden]
+    log: MetricsLog
+    report: HealReport
+
+    def measure(self, cpu_s: float) -> tuple[dict[str, float], list[float]]:
+        """Held-out KL, perplexity and block-wise objective, logged as an "eval" record."""
+        metrics: dict[str, float] = {}
+        per_depth: list[float] = []
+        if self.heldout is not None and self.heldout_states is not None:
+            metrics = _kl_ppl(self.student, self.teacher, self.heldout, self.config.micro_batch, self.precision)
+            per_depth = block_objective(self.student, self.heldout_states, self.config.micro_batch, self.precision)
+            metrics["objective"] = sum(per_depth) / len(per_depth)
+        record = {"event": "eval", "step": self.report.local_steps, "tokens": self.report.local_tokens, "cpu_s": cpu_s}
+        self.log.write({**record, **metrics, "per_depth": per_depth})
+        return metrics, per_depth
+
+
 def heal(config: HealConfig) -> HealReport:
     """Heal a converted model: local block-wise reconstruction, then optional end-to-end KD (see module doc)."""
-    from tqdm.auto import tqdm
-
     if not is_checkpoint(config.student):
         raise CheckpointError(f"{config.student} is not a recursify checkpoint; create one with 'recursify convert' first")
     out = check_writable(config.out, config.overwrite)
@@ -229,12 +254,7 @@ def heal(config: HealConfig) -> HealReport:
     torch.manual_seed(config.seed)
     student = load(config.student)
     teacher = open_teacher(teacher_spec)
-    check_tokenizers(student, teacher)
-    if (teacher.loops, teacher.num_depths) != (1, student.num_depths) or teacher.arch.hidden_size != student.arch.hidden_size:
-        raise ConfigError(
-            f"the teacher must be the original of the student: {student.num_depths} depths x {student.arch.hidden_size} hidden "
-            f"at loops=1, got loops={teacher.loops}, {teacher.num_depths} depths x {teacher.arch.hidden_size}"
-        )
+    _check_teacher(student, teacher)
     precision = resolve_precision(config.precision, student.device)
     tokenizer = require_tokenizer(student)
     train_rows = pack(load_tokens(config.calib, tokenizer, "train", config.calib_tokens, config.seed, teacher), config.seq_len)
@@ -247,34 +267,22 @@ def heal(config: HealConfig) -> HealReport:
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.heal-", dir=out.parent))
     try:
-        log = MetricsLog(work, tensorboard=False)
         heldout_states = capture_states(teacher, heldout, config.micro_batch, precision) if heldout is not None else None
-
-        def measure(cpu_s: float) -> tuple[dict[str, float], list[float]]:
-            """Held-out KL, perplexity and block-wise objective, logged as an "eval" record."""
-            metrics: dict[str, float] = {}
-            per_depth: list[float] = []
-            if heldout is not None and heldout_states is not None:
-                metrics = _kl_ppl(student, teacher, heldout, config.micro_batch, precision)
-                per_depth = block_objective(student, heldout_states, config.micro_batch, precision)
-                metrics["objective"] = sum(per_depth) / len(per_depth)
-            record = {"event": "eval", "step": report.local_steps, "tokens": report.local_tokens, "cpu_s": cpu_s}
-            log.write({**record, **metrics, "per_depth": per_depth})
-            return metrics, per_depth
-
-        report.eval_before, report.per_depth_before = measure(0.0)
+        log = MetricsLog(work, tensorboard=False)
+        run = _Healing(config, student, teacher, precision, train_rows, heldout, heldout_states, log=log, report=report)
+        report.eval_before, report.per_depth_before = run.measure(0.0)
         if config.minutes > 0:
-            _local_phase(student, teacher, train_rows, config, precision, report, log, measure, tqdm)
-            report.eval_local, report.per_depth_after = measure(report.local_cpu_minutes * 60)
+            _local_phase(run)
+            report.eval_local, report.per_depth_after = run.measure(report.local_cpu_minutes * 60)
         else:
             report.eval_local, report.per_depth_after = report.eval_before, report.per_depth_before
         report.objective_before = report.eval_before.get("objective", math.nan)
         report.objective_after = report.eval_local.get("objective", math.nan)
-        log.close()
+        run.log.close()
         if config.kd_minutes > 0:
             staged = work / "local"
             student.save_pretrained(str(staged))
-            del student, teacher, heldout_states  # uptrain loads its own copies
+            del run, student, teacher, heldout_states  # uptrain loads its own copies
             report.kd = _kd_phase(config, str(staged), teacher_spec)
             report.eval_after = {k: report.kd["eval_after"][k] for k in ("kl", "ppl")} if "eval_after" in report.kd else {}
         else:
@@ -287,20 +295,23 @@ def heal(config: HealConfig) -> HealReport:
     return report
 
 
-def _local_phase(
-    student: RecursiveModel,
-    teacher: RecursiveModel,
-    train_rows: torch.Tensor,
-    config: HealConfig,
-    precision: str,
-    report: HealReport,
-    log: MetricsLog,
-    measure: Any,
-    tqdm: Any,
-) -> None:
+def _check_teacher(student: RecursiveModel, teacher: RecursiveModel) -> None:
+    """Refuse a teacher that is not the student's original: the local phase pairs depth l of one with depth l of the other."""
+    check_tokenizers(student, teacher)
+    if (teacher.loops, teacher.num_depths) != (1, student.num_depths) or teacher.arch.hidden_size != student.arch.hidden_size:
+        raise ConfigError(
+            f"the teacher must be the original of the student: {student.num_depths} depths x {student.arch.hidden_size} hidden "
+            f"at loops=1, got loops={teacher.loops}, {teacher.num_depths} depths x {teacher.arch.hidden_size}"
+        )
+
+
+def _local_phase(run: _Healing) -> None:
     """Capture the teacher's states, then train every depth on them until the CPU budget is spent."""
+    from tqdm.auto import tqdm
+
+    config, student, report = run.config, run.student, run.report
     total = CpuBudget(config.minutes * 60)
-    states = capture_states(teacher, train_rows, config.micro_batch, precision)
+    states = capture_states(run.teacher, run.train_rows, config.micro_batch, run.precision)
     report.capture_cpu_minutes = total.used() / 60
     # The schedule spans what is left after the capture; the capture still counts against --minutes.
     budget = CpuBudget(max(total.seconds - total.used(), 1e-9))
@@ -315,7 +326,7 @@ def _local_phase(
             lr = config.lr * budget_lr_factor(budget.fraction(), WARMUP_FRACTION, config.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            losses = depth_losses(student, states[:, rows], precision, backward=True)
+            losses = depth_losses(student, states[:, rows], run.precision, backward=True)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             report.local_steps += 1
@@ -324,12 +335,14 @@ def _local_phase(
             if not math.isfinite(loss):
                 raise ConfigError(f"the local objective became {loss} at step {report.local_steps}; lower --lr")
             cpu_s = total.used()
-            log.write({"event": "local", "step": report.local_steps, "tokens": report.local_tokens, "lr": lr, "cpu_s": cpu_s, "loss": loss})
+            run.log.write(
+                {"event": "local", "step": report.local_steps, "tokens": report.local_tokens, "lr": lr, "cpu_s": cpu_s, "loss": loss}
+            )
             bar.update(round(cpu_s) - bar.n)
             bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
             if budget.used() >= next_eval:
                 with total.paused(), budget.paused():
-                    measure(cpu_s)
+                    run.measure(cpu_s)
                 next_eval += config.eval_every_minutes * 60
     finally:
         bar.close()
