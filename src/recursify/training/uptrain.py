@@ -19,9 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from recursify.checkpoint import check_writable, is_checkpoint, load, read_config
+from recursify.checkpoint import check_writable, is_checkpoint, read_config
 from recursify.data import load_tokens, pack
 from recursify.errors import CheckpointError, ConfigError, DataError, TrainingError
+from recursify.loading import load
 from recursify.modeling.model import RecursiveModel
 from recursify.text import precision_context, require_tokenizer
 from recursify.training import checkpointing
@@ -74,9 +75,7 @@ def plan_run(config: UptrainConfig, world_size: int) -> RunPlan:
 
 def open_teacher(spec: str) -> RecursiveModel:
     """A teacher model: a recursify checkpoint as saved, or any --model source as the original (loops=1)."""
-    from recursify.conversion.convert import convert
-
-    teacher = load(spec) if is_checkpoint(spec) else convert(spec, loops=1, progress=False)
+    teacher = load(spec)
     teacher.requires_grad_(False)
     return teacher.eval()
 
