@@ -13,7 +13,7 @@ import torch
 
 import recursify
 from recursify import checkpoint
-from recursify.errors import CheckpointError
+from recursify.errors import CheckpointError, SourceError
 from recursify.modeling.model import RecursiveModel
 from tiny import tiny_model
 
@@ -84,6 +84,8 @@ def test_loading_never_unpickles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
 def test_missing_directory_raises(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="does not exist"):
+        RecursiveModel.from_pretrained(tmp_path / "nowhere")
+    with pytest.raises(SourceError, match="not an existing path, a known alias or a hub id"):
         recursify.load(tmp_path / "nowhere")
 
 
@@ -91,7 +93,7 @@ def test_missing_config_raises(tmp_path: Path) -> None:
     _, target = _saved(tmp_path)
     (target / "config.json").unlink()
     with pytest.raises(CheckpointError, match="no config.json.*recursify convert"):
-        recursify.load(target)
+        RecursiveModel.from_pretrained(target)
     assert not checkpoint.is_checkpoint(target)
 
 
@@ -116,14 +118,25 @@ def test_config_that_is_not_json_raises(tmp_path: Path) -> None:
     _, target = _saved(tmp_path)
     (target / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="not valid JSON"):
-        recursify.load(target)
+        RecursiveModel.from_pretrained(target)
 
 
 def test_transformers_directory_is_not_a_recursify_checkpoint(tmp_path: Path) -> None:
     tiny_model("llama").save_pretrained(tmp_path)
     assert not checkpoint.is_checkpoint(tmp_path)
     with pytest.raises(CheckpointError, match="not a recursify checkpoint.*recursify convert"):
-        recursify.load(tmp_path)
+        RecursiveModel.from_pretrained(tmp_path)
+
+
+def test_load_opens_a_source_as_the_original(tmp_path: Path) -> None:
+    """``recursify.load`` of a transformers directory is the original model (loops=1), with transformers' own logits."""
+    reference = tiny_model("llama", seed=7)
+    reference.save_pretrained(tmp_path)
+    model = recursify.load(tmp_path)
+    assert isinstance(model, RecursiveModel) and model.loops == 1 and not model.training
+    ids = torch.tensor([[1, 5, 9, 3, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -184,3 +184,37 @@ def test_relax_variants_on_the_command_line(source_dir: Path, tmp_path: Path, ca
             main(["convert", "--relax", spec, "--out", "x"])
         assert exit_info.value.code == 2
     assert "positive number of prefix tokens" in capsys.readouterr().err
+
+
+def test_cli_import_does_not_load_torch() -> None:
+    """Importing the CLI does not pay for torch: each command imports the library it calls."""
+    import subprocess
+    import sys
+
+    code = "import sys, recursify.cli as cli; assert 'torch' not in sys.modules, 'import'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_help_states_each_default_from_the_config(capsys: pytest.CaptureFixture[str]) -> None:
+    from recursify.config import RecursionConfig
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["convert", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"shared-layer init (default: {RecursionConfig.init})" in out
+    assert f"(default: {RecursionConfig.lsq_rounds})" in out
+    assert "--out OUT output directory" in out  # required: no default to state
+
+
+def test_library_never_imports_the_cli() -> None:
+    """The CLI is a layer over the library: only cli.py and __main__.py may import it."""
+    import recursify
+
+    package = Path(recursify.__file__).parent
+    importers = [
+        str(path.relative_to(package))
+        for path in package.rglob("*.py")
+        if path.name not in ("cli.py", "__main__.py")
+        and ("recursify.cli" in path.read_text() or "from recursify import cli" in path.read_text())
+    ]
+    assert importers == []

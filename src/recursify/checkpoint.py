@@ -1,11 +1,13 @@
-"""Checkpoint directories: config.json + model.safetensors + tokenizer files, written atomically.
+"""Checkpoint directories on disk: config.json + model.safetensors + tokenizer files, written atomically.
 
-Loading reads only JSON and safetensors (no pickle), so a checkpoint from anywhere is safe to open.
+This module knows files, not models: ``RecursiveModel.save_pretrained`` / ``from_pretrained``
+(modeling/model.py) build the config and tensors and call it, so the model depends on its storage and
+not the other way round. Reading uses only JSON and safetensors (no pickle), so a checkpoint from
+anywhere is safe to open.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -17,9 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from recursify.config import ArchConfig, RecursionConfig
-from recursify.errors import CheckpointError, RecursifyError
-from recursify.modeling.model import RecursiveModel, SourceInfo
+from recursify.errors import CheckpointError
 
 FORMAT = "recursify"
 FORMAT_VERSION = 1
@@ -48,26 +48,23 @@ def check_writable(directory: str | os.PathLike[str], overwrite: bool) -> Path:
     return path
 
 
-def save_pretrained(model: RecursiveModel, directory: str | os.PathLike[str], overwrite: bool = False) -> None:
-    """Write the model to ``directory`` atomically: a sibling temp dir renamed into place."""
+def write_checkpoint(
+    directory: str | os.PathLike[str], config: dict[str, Any], tensors: dict[str, torch.Tensor], tokenizer: Any, overwrite: bool = False
+) -> None:
+    """Write config.json (stamped with the format), model.safetensors and the tokenizer atomically.
+
+    Everything goes to a sibling temp directory that is renamed into place, so an interrupted
+    write leaves the previous checkpoint (or none), never a half-written one.
+    """
     path = check_writable(directory, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        config = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "architecture": dataclasses.asdict(model.arch),
-            "recursion": dataclasses.asdict(model.recursion),
-            "source": dataclasses.asdict(model.source),
-            "params": model.param_counts(),
-            "report": model.report,
-        }
-        (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str))
-        tensors = {name: t.detach().contiguous() for name, t in model.state_dict().items()}
-        save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
-        if model.tokenizer is not None:
-            model.tokenizer.save_pretrained(str(staging))
+        stamped = {"format": FORMAT, "format_version": FORMAT_VERSION, **config}
+        (staging / CONFIG_FILE).write_text(json.dumps(stamped, indent=2, default=str))
+        save_file({name: t.detach().contiguous() for name, t in tensors.items()}, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(staging))
         _swap_into_place(staging, path)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -105,37 +102,20 @@ def read_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
     return config
 
 
-def load(directory: str | os.PathLike[str], device: str | torch.device = "cpu") -> RecursiveModel:
-    """Load a checkpoint written by ``save_pretrained`` (weights via safetensors only)."""
-    path = Path(directory)
-    config = read_config(path)
-    try:
-        arch = ArchConfig(**config["architecture"])
-        recursion = RecursionConfig(**config["recursion"])
-        source = SourceInfo(**config.get("source", {}))
-        model = RecursiveModel(arch, recursion, source)  # validates loops against the layers, too
-    except (KeyError, TypeError) as err:
-        raise CheckpointError(f"{path / CONFIG_FILE} is incomplete or malformed ({err}); re-create the checkpoint") from err
-    except RecursifyError as err:
-        raise CheckpointError(f"{path / CONFIG_FILE} holds an invalid configuration: {err}") from err
-    weights = path / WEIGHTS_FILE
+def read_weights(directory: str | os.PathLike[str], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint's model.safetensors (never a pickle)."""
+    weights = Path(directory) / WEIGHTS_FILE
     if not weights.is_file():
-        raise CheckpointError(f"{path} has no {WEIGHTS_FILE}; the checkpoint is incomplete, re-create it")
+        raise CheckpointError(f"{directory} has no {WEIGHTS_FILE}; the checkpoint is incomplete, re-create it")
     try:
-        state = load_file(str(weights), device=str(device))
+        return load_file(str(weights), device=str(device))
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{weights} is corrupt ({err}); re-create the checkpoint") from err
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        first_line = str(err).splitlines()[0]
-        raise CheckpointError(f"{weights} does not match its config.json ({first_line}); re-create the checkpoint") from err
-    model.report = config.get("report", {})
-    model.tokenizer = _load_tokenizer(path)
-    return model.to(device).eval()
 
 
-def _load_tokenizer(path: Path) -> Any:
+def load_tokenizer(directory: str | os.PathLike[str]) -> Any:
+    """The tokenizer saved beside the weights, or None when the checkpoint has none."""
+    path = Path(directory)
     if not ((path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()):
         return None
     from transformers import AutoTokenizer

@@ -1,6 +1,11 @@
-"""The ``recursify`` command: a table of subcommands, each parsed into typed arguments.
+"""The ``recursify`` command: a table of subcommands, each a thin layer over one library call.
 
-User mistakes surface as one ``recursify: error: ...`` line and exit status 2, never a traceback.
+Every ``cmd_*`` parses its arguments into the library's own config objects and calls the library;
+nothing here is imported by the library. Defaults come from those config dataclasses where an option
+maps onto a field, and ``--help`` prints each default from the value the parser really uses, so a
+default is stated once. Importing this module (and ``recursify --help``) does not import torch: the
+library is imported inside each command. User mistakes surface as one ``recursify: error: ...`` line
+and exit status 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -11,10 +16,31 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from recursify.config import LORA_INITS, NORM_MODES, SHARED_FITS, SHARED_INITS, STRATEGIES, parse_relax
+from recursify.config import (
+    CALIB_TOKENS,
+    LORA_INITS,
+    NORM_MODES,
+    PRECISIONS,
+    SHARED_FITS,
+    SHARED_INITS,
+    STRATEGIES,
+    RecursionConfig,
+    SamplingConfig,
+    parse_relax,
+)
 from recursify.errors import ConfigError, RecursifyError
+from recursify.serving.config import EngineConfig
 
 DEFAULT_MODEL = "smollm2-135m"
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" from the parser's actual default; options without one (None, False) or that explain theirs get nothing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False) or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _rank(value: str) -> int | str:
@@ -33,6 +59,13 @@ def _relax(value: str) -> str:
     return value
 
 
+def _command(sub: Any, name: str, func: Callable[[argparse.Namespace], None], help: str) -> argparse.ArgumentParser:
+    """One row of the command table: ``recursify NAME`` runs ``func``, described by its docstring."""
+    parser: argparse.ArgumentParser = sub.add_parser(name, help=help, description=func.__doc__, formatter_class=_HelpFormatter)
+    parser.set_defaults(func=func)
+    return parser
+
+
 def _positive_int(value: str) -> int:
     if not value.isdigit() or int(value) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
@@ -43,6 +76,8 @@ def cmd_convert(args: argparse.Namespace) -> None:
     """Convert a pretrained model into a (relaxed) recursive one and save it."""
     from recursify.checkpoint import check_writable
     from recursify.conversion.convert import convert
+    from recursify.info import format_model_info, model_info
+    from recursify.sources import quiet_transformers
 
     check_writable(args.out, args.overwrite)
     if args.quiet:
@@ -66,98 +101,26 @@ def cmd_convert(args: argparse.Namespace) -> None:
     )
     model.save_pretrained(args.out, overwrite=args.overwrite)
     if not args.quiet:
-        print(format_info(info_dict(model)))
+        print(format_model_info(model_info(model)))
         print(f"saved to {args.out}")
-
-
-def quiet_transformers() -> None:
-    """Silence transformers' own progress bars (weight loading, GGUF dequantisation)."""
-    from transformers.utils import logging
-
-    logging.disable_progress_bar()
-
-
-def info_dict(model: Any) -> dict[str, Any]:
-    """The machine-readable summary ``recursify info --json`` prints."""
-    recursion = model.recursion
-    return {
-        "params": model.param_counts(),
-        "loops": recursion.loops,
-        "unique_layers": len(model.layers),
-        "depths": model.num_depths,
-        "strategy": recursion.strategy,
-        "init": recursion.init,
-        "rank": recursion.rank_spec,
-        "ranks": recursion.ranks,
-        "lora_init": recursion.lora_init,
-        "norms": recursion.norms,
-        "family": model.arch.family,
-        "source": model.source.spec,
-        "shared_init": recursion.shared_init,
-        "calib": recursion.calib,
-        "calib_tokens": recursion.calib_tokens,
-        "lora_params": recursion.lora_params,
-        "layer_ranks": recursion.layer_ranks,
-        "relax": recursion.relax,
-        "report": model.report,
-    }
-
-
-def format_info(info: dict[str, Any]) -> str:
-    """A human-readable parameter table."""
-    params = info["params"]
-    rows = [
-        ("embedding", params["embedding"]),
-        ("non-embedding", params["non_embedding"]),
-        ("LoRA", params["lora"]),
-        ("total", params["total"]),
-        ("source total", params["source_total"]),
-    ]
-    if params.get("frozen"):  # LoRA-XS factors: stored and used, never trained
-        rows.insert(3, ("frozen (fixed)", params["frozen"]))
-    capped = {name: r for name, r in info["ranks"].items() if isinstance(info["rank"], int) and r < info["rank"]}
-    rank_note = f" (capped at full rank: {', '.join(f'{n}={r}' for n, r in capped.items())})" if capped else ""
-    lines = [
-        f"source      {info['source']} ({info['family']})",
-        f"recursion   {info['loops']} loops x {info['unique_layers']} unique layers = {info['depths']} depths, "
-        f"strategy {info['strategy']}, init {info['init']}",
-        f"relaxation  {info.get('relax', 'lora')}, rank {info['rank']}{rank_note}, {info['lora_init']} init, "
-        f"norms {info['norms']}, shared {info['shared_init']}",
-        "",
-        f"{'parameters':<15}{'count':>14}{'millions':>10}",
-    ]
-    lines += [f"{name:<15}{count:>14,}{count / 1e6:>10.2f}" for name, count in rows]
-    lines.append(f"{'ratio':<15}{params['ratio']:>14.3f}")
-    errors = info.get("report", {}).get("relative_error")
-    if errors:
-        lines += ["", f"relative reconstruction error on {info['calib_tokens']} calibration tokens ({info['calib']}), %:"]
-        lines.append("depth " + "".join(f"{name:>8}" for name in errors))
-        for depth in range(info["depths"]):
-            lines.append(f"{depth:>5} " + "".join(f"{100 * errors[name][depth]:>8.2f}" for name in errors))
-    return "\n".join(lines)
-
-
-def open_model(path: str) -> Any:
-    """A recursify checkpoint directory, or any --model source run as the original (loops=1)."""
-    from recursify.checkpoint import is_checkpoint, load
-    from recursify.conversion.convert import convert
-
-    return load(path) if is_checkpoint(path) else convert(path, loops=1, progress=False)
 
 
 def cmd_info(args: argparse.Namespace) -> None:
     """Print the parameter table (or JSON) of a checkpoint or a source model."""
-    info = info_dict(open_model(args.path))
-    print(json.dumps(info, indent=2) if args.json else format_info(info))
+    from recursify import load
+    from recursify.info import format_model_info, model_info
+
+    info = model_info(load(args.path))
+    print(json.dumps(info, indent=2) if args.json else format_model_info(info))
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
     """Stream a continuation of each prompt to stdout."""
-    from recursify.modeling.generation import SamplingConfig
+    from recursify import load
     from recursify.text import stream_text
 
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    model = open_model(args.path)
+    model = load(args.path)
     for prompt in args.prompt:
         print(prompt, end="", flush=True)
         pieces = stream_text(model, prompt, args.max_new_tokens, sampling, args.chat, args.precision, not args.no_cache)
@@ -181,6 +144,7 @@ def _count_or_zero(value: str) -> int:
 
 def cmd_uptrain(args: argparse.Namespace) -> None:
     """Uptrain a converted model: KD from the original (online teacher), early-exit losses, resumable."""
+    from recursify.sources import quiet_transformers
     from recursify.training.common import default_teacher
     from recursify.training.config import UptrainConfig
     from recursify.training.losses import LossConfig
@@ -203,6 +167,7 @@ def cmd_uptrain(args: argparse.Namespace) -> None:
 
 def cmd_heal(args: argparse.Namespace) -> None:
     """Heal a converted model: fit every depth to the original's hidden states (teacher forcing), then optional KD."""
+    from recursify.sources import quiet_transformers
     from recursify.training.healing import HealConfig, heal
 
     fields = ["teacher", "calib_tokens", "minutes", "kd_minutes", "seq_len", "micro_batch", "lr", "kd_lr", "kd_batch_tokens"]
@@ -224,7 +189,7 @@ def cmd_plot(args: argparse.Namespace) -> None:
 def _add_training_commands(sub: Any) -> None:
     from recursify.training.losses import KD_KINDS
 
-    up = sub.add_parser("uptrain", help="uptrain (KD, early exits) a converted model", description=cmd_uptrain.__doc__)
+    up = _command(sub, "uptrain", cmd_uptrain, help="uptrain (KD, early exits) a converted model")
     up.add_argument("student", help="checkpoint directory written by 'recursify convert' (or a previous uptrain)")
     up.add_argument("--teacher", help="KD teacher, run with loops=1 (default: the model the student was converted from)")
     up.add_argument("--no-teacher", action="store_true", help="train on cross-entropy only (needs --data)")
@@ -258,17 +223,15 @@ def _add_training_commands(sub: Any) -> None:
     up.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     up.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     up.add_argument("--quiet", action="store_true", help="no progress bar")
-    up.set_defaults(func=cmd_uptrain)
 
     _add_heal_command(sub)
-    plot = sub.add_parser("plot", help="draw an uptrain run's loss curves to PNG", description=cmd_plot.__doc__)
+    plot = _command(sub, "plot", cmd_plot, help="draw an uptrain run's loss curves to PNG")
     plot.add_argument("run", help="uptrain output directory (holds metrics.jsonl)")
     plot.add_argument("--out", help="PNG path (default: RUN/loss.png)")
-    plot.set_defaults(func=cmd_plot)
 
 
 def _add_heal_command(sub: Any) -> None:
-    heal = sub.add_parser("heal", help="local block-wise healing of a converted model, then optional KD", description=cmd_heal.__doc__)
+    heal = _command(sub, "heal", cmd_heal, help="local block-wise healing of a converted model, then optional KD")
     heal.add_argument("student", help="checkpoint directory written by 'recursify convert'")
     heal.add_argument("--teacher", help="the original model, run with loops=1 (default: the model the student was converted from)")
     heal.add_argument("--calib", required=True, help="data: its train split trains, its held-out split evaluates (file, dir, teacher:N)")
@@ -291,7 +254,6 @@ def _add_heal_command(sub: Any) -> None:
     heal.add_argument("--out", required=True, help="output checkpoint directory (+ heal.jsonl, heal_report.json)")
     heal.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     heal.add_argument("--quiet", action="store_true", help="no progress bars")
-    heal.set_defaults(func=cmd_heal)
 
 
 def _eval_options(args: argparse.Namespace, per_loop: bool) -> Any:
@@ -325,15 +287,17 @@ def _write_report(destination: str | None, payload: Any) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     """Measure perplexity (with per-loop exits and a teacher) and few-shot multiple-choice accuracy."""
+    from recursify import load
     from recursify.evaluation.evaluate import evaluate_model
     from recursify.evaluation.report import format_markdown
+    from recursify.sources import quiet_transformers
 
     if args.ppl is None and not args.tasks:
         raise ConfigError("nothing to evaluate: pass --ppl DATA and/or --tasks TASK ...")
     if args.quiet:
         quiet_transformers()
-    teacher = open_model(args.teacher) if args.teacher else None
-    report = evaluate_model(open_model(args.path), args.path, _eval_options(args, args.per_loop), teacher)
+    teacher = load(args.teacher) if args.teacher else None
+    report = evaluate_model(load(args.path), args.path, _eval_options(args, args.per_loop), teacher)
     _write_report(args.json, report.to_dict())
     if args.json != "-":
         print(format_markdown(report))
@@ -341,9 +305,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_compare(args: argparse.Namespace) -> None:
     """Evaluate several models on the same data and tasks; table, JSON, Pareto and exit plots."""
+    from recursify import load
     from recursify.evaluation.evaluate import evaluate_model
     from recursify.evaluation.plots import exit_plot, pareto_plot
     from recursify.evaluation.report import format_comparison
+    from recursify.sources import quiet_transformers
 
     if args.ppl is None and not args.tasks:
         raise ConfigError("nothing to compare: pass --ppl DATA and/or --tasks TASK ...")
@@ -351,9 +317,9 @@ def cmd_compare(args: argparse.Namespace) -> None:
         raise ConfigError("--exit-plot needs per-loop perplexities: pass --ppl DATA")
     if args.quiet:
         quiet_transformers()
-    teacher = open_model(args.teacher) if args.teacher else None
+    teacher = load(args.teacher) if args.teacher else None
     options = _eval_options(args, per_loop=args.ppl is not None)
-    reports = [evaluate_model(open_model(path), path, options, teacher) for path in args.paths]
+    reports = [evaluate_model(load(path), path, options, teacher) for path in args.paths]
     if args.plot:
         pareto_plot(reports, args.plot, args.metric or ("ppl" if args.ppl is not None else "acc"))
     if args.exit_plot:
@@ -370,9 +336,9 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         help="perplexity on a --data source (text/jsonl/parquet file or directory, teacher:N, hf:NAME); "
         "uses its held-out split by default (see --split)",
     )
-    parser.add_argument("--split", choices=("heldout", "train"), default="heldout", help="split of --ppl data (default: heldout)")
+    parser.add_argument("--split", choices=("heldout", "train"), default="heldout", help="split of --ppl data")
     parser.add_argument("--max-tokens", type=_count, default=None, help="evaluate at most this many tokens (e.g. 50k)")
-    parser.add_argument("--ctx", type=_positive_int, default=512, help="sliding-window length in tokens (default: 512)")
+    parser.add_argument("--ctx", type=_positive_int, default=512, help="sliding-window length in tokens")
     parser.add_argument(
         "--stride", type=_positive_int, default=None, help="tokens scored per window after the first; <= ctx (default: ctx)"
     )
@@ -386,11 +352,11 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         help="BIG-bench-format task.json paths or globs, or bigbench:NAME fetched from PyPI once "
         "(e.g. bigbench:general_knowledge bigbench:hindu_knowledge bigbench:logical_deduction/three_objects)",
     )
-    parser.add_argument("--shots", type=int, default=0, help="few-shot examples per prompt (default: 0)")
+    parser.add_argument("--shots", type=int, default=0, help="few-shot examples per prompt")
     parser.add_argument("--limit", type=_positive_int, default=None, help="score only the first N questions of each task")
-    parser.add_argument("--batch-size", type=_positive_int, default=4, help="windows / continuations per forward pass (default: 4)")
-    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16 autocast is ~2x faster on CPU (default: fp32)")
-    parser.add_argument("--seed", type=int, default=0, help="data order and few-shot sampling (default: 0)")
+    parser.add_argument("--batch-size", type=_positive_int, default=4, help="windows / continuations per forward pass")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="bf16 autocast is ~2x faster on CPUs with bf16 units")
+    parser.add_argument("--seed", type=int, default=0, help="data order and few-shot sampling")
     parser.add_argument("--json", metavar="OUT", help="write the JSON report to OUT ('-' = stdout instead of the table)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -400,87 +366,78 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    convert = sub.add_parser("convert", help="convert a pretrained model into a recursive one", description=cmd_convert.__doc__)
-    convert.add_argument("--model", default=DEFAULT_MODEL, help=f"HF directory, .gguf file, hub id or alias (default: {DEFAULT_MODEL})")
-    convert.add_argument("--loops", type=_positive_int, default=2, help="B: loops over K = L/B shared layers (default: 2)")
-    convert.add_argument("--init", choices=SHARED_INITS, default="stepwise", help="shared-layer init (default: stepwise)")
+    recursion = RecursionConfig()
+    convert = _command(sub, "convert", cmd_convert, help="convert a pretrained model into a recursive one")
+    convert.add_argument("--model", default=DEFAULT_MODEL, help="HF directory, .gguf file, hub id or alias")
+    convert.add_argument("--loops", type=_positive_int, default=2, help="B: loops over K = L/B shared layers")
+    convert.add_argument("--init", choices=SHARED_INITS, default=recursion.init, help="shared-layer init")
     convert.add_argument(
         "--rank",
         type=_rank,
-        default=0,
-        help="per-depth LoRA rank; 0 = pure recursive, 'full' = exact; capped at each linear's min(in, out) (default: 0)",
+        default=recursion.rank_spec,
+        help="per-depth LoRA rank; 0 = pure recursive, 'full' = exact; capped at each linear's min(in, out)",
     )
-    convert.add_argument("--strategy", choices=STRATEGIES, default="cycle", help="which shared layer serves each depth (default: cycle)")
+    convert.add_argument("--strategy", choices=STRATEGIES, default=recursion.strategy, help="which shared layer serves each depth")
     convert.add_argument(
-        "--norms", choices=NORM_MODES, default="per-depth", help="RMSNorm gains: per-depth (exact at full rank), tied, fold"
-    )
-    convert.add_argument(
-        "--lora-init", choices=LORA_INITS, default="svd", help="LoRA init: residual SVD, activation-aware SVD (needs --calib) or standard"
+        "--norms", choices=NORM_MODES, default=recursion.norms, help="RMSNorm gains: per-depth (exact at full rank), tied, fold"
     )
     convert.add_argument(
-        "--shared-init", choices=SHARED_FITS, default="init", help="shared weights: the --init rule, or lsq (needs --calib)"
+        "--lora-init",
+        choices=LORA_INITS,
+        default=recursion.lora_init,
+        help="LoRA init: residual SVD, activation-aware SVD (needs --calib) or standard",
+    )
+    convert.add_argument(
+        "--shared-init", choices=SHARED_FITS, default=recursion.shared_init, help="shared weights: the --init rule, or lsq (needs --calib)"
     )
     convert.add_argument("--calib", default=None, help="calibration data for asvd/lsq/--lora-params (e.g. teacher:16k, a .txt/.jsonl file)")
-    convert.add_argument("--calib-tokens", type=_positive_int, default=16384, help="calibration tokens (default: 16384)")
+    convert.add_argument("--calib-tokens", type=_positive_int, default=CALIB_TOKENS, help="calibration tokens")
     convert.add_argument("--lora-params", default=None, help="LoRA parameter budget (e.g. 8M) instead of --rank: ranks chosen per layer")
-    convert.add_argument("--lsq-rounds", type=_positive_int, default=2, help="lsq / asvd alternation rounds (default: 2)")
+    convert.add_argument("--lsq-rounds", type=_positive_int, default=recursion.lsq_rounds, help="lsq / asvd alternation rounds")
     convert.add_argument(
         "--relax",
         type=_relax,
-        default="lora",
-        help="per-depth relaxation: lora (default), lora-xs (frozen SVD factors, trainable r x r cores; needs --rank), "
+        default=recursion.relax,
+        help="per-depth relaxation: lora, lora-xs (frozen SVD factors, trainable r x r cores; needs --rank), "
         "prefix:N (N learned key/value tokens per depth) or bias (a bias per depth on every linear)",
     )
-    convert.add_argument("--seed", type=int, default=0, help="seed for random init (default: 0)")
+    convert.add_argument("--seed", type=int, default=recursion.seed, help="seed for random init")
     convert.add_argument("--out", required=True, help="output directory")
     convert.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     convert.add_argument("--quiet", action="store_true", help="no progress bar or summary")
-    convert.set_defaults(func=cmd_convert)
 
-    info = sub.add_parser("info", help="parameter table of a converted (or source) model", description=cmd_info.__doc__)
+    info = _command(sub, "info", cmd_info, help="parameter table of a converted (or source) model")
     info.add_argument("path", help="checkpoint directory written by 'recursify convert', or any --model source")
     info.add_argument("--json", action="store_true", help="machine-readable output")
-    info.set_defaults(func=cmd_info)
 
-    generate = sub.add_parser("generate", help="generate text from a checkpoint or source model", description=cmd_generate.__doc__)
+    sampling = SamplingConfig()
+    generate = _command(sub, "generate", cmd_generate, help="generate text from a checkpoint or source model")
     generate.add_argument("path", help="checkpoint directory, or any --model source (run as the original, loops=1)")
     generate.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for several)")
-    generate.add_argument("--max-new-tokens", type=_positive_int, default=32, help="tokens to generate (default: 32)")
-    generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
-    generate.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
-    generate.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
-    generate.add_argument("--seed", type=int, default=None, help="sampling seed")
+    generate.add_argument("--max-new-tokens", type=_positive_int, default=32, help="tokens to generate")
+    generate.add_argument("--temperature", type=float, default=sampling.temperature, help="0 = greedy")
+    generate.add_argument("--top-k", type=int, default=sampling.top_k, help="sample from the k most likely tokens (0 = off)")
+    generate.add_argument("--top-p", type=float, default=sampling.top_p, help="nucleus sampling mass (1.0 = off)")
+    generate.add_argument("--seed", type=int, default=sampling.seed, help="sampling seed")
     generate.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
-    generate.add_argument(
-        "--precision", choices=("fp32", "bf16"), default="fp32", help="bf16 autocast is ~2x faster on CPU (default: fp32)"
-    )
+    generate.add_argument("--precision", choices=PRECISIONS, default="fp32", help="bf16 autocast is ~2x faster on CPUs with bf16 units")
     generate.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step instead of the KV cache")
-    generate.set_defaults(func=cmd_generate)
 
-    evaluate = sub.add_parser("eval", help="perplexity, per-loop exits and multiple-choice accuracy", description=cmd_eval.__doc__)
+    evaluate = _command(sub, "eval", cmd_eval, help="perplexity, per-loop exits and multiple-choice accuracy")
     evaluate.add_argument("path", help="checkpoint directory, or any --model source (run as the original, loops=1)")
     evaluate.add_argument("--per-loop", action="store_true", help="with --ppl: perplexity and agreement after every loop, oracle exits")
     _add_eval_arguments(evaluate)
-    evaluate.set_defaults(func=cmd_eval)
 
-    compare = sub.add_parser("compare", help="evaluate several models side by side, plot size vs quality", description=cmd_compare.__doc__)
+    compare = _command(sub, "compare", cmd_compare, help="evaluate several models side by side, plot size vs quality")
     compare.add_argument("paths", nargs="+", help="checkpoint directories or sources (sources run as originals: the reference line)")
     compare.add_argument("--plot", metavar="PNG", help="Pareto plot: non-embedding parameters vs --metric")
     compare.add_argument("--exit-plot", metavar="PNG", help="per-loop exit perplexity and agreement with the final loop")
     compare.add_argument("--metric", choices=("ppl", "acc"), default=None, help="y axis of --plot (default: ppl with --ppl, else acc)")
     _add_eval_arguments(compare)
-    compare.set_defaults(func=cmd_compare)
     _add_training_commands(sub)
     _add_serving_commands(sub)
     _add_demo_command(sub)
     return parser
-
-
-def _serve_data(args: argparse.Namespace, model: Any) -> Any:
-    from recursify.data import load_tokens
-    from recursify.text import require_tokenizer
-
-    return load_tokens(args.data, require_tokenizer(model), split="heldout", max_tokens=args.max_tokens)
 
 
 def _lengths(value: str) -> tuple[int, int]:
@@ -492,7 +449,7 @@ def _lengths(value: str) -> tuple[int, int]:
 
 def cmd_bench_serve(args: argparse.Namespace) -> None:
     """Measure serving throughput and latency: vanilla static/sequence vs recursive sequence/depth-wise (+ early exit)."""
-    from recursify.serving.benchmark import ROW5, serving_benchmark
+    from recursify.serving.benchmark import format_summary, serving_benchmark
 
     result = serving_benchmark(
         args.run,
@@ -512,67 +469,59 @@ def cmd_bench_serve(args: argparse.Namespace) -> None:
         log=lambda line: None,
     )
     report = {**result.pop("runs")[args.arrival], **result}  # one workload: the issue's JSON shape
-    print(report.pop("table"))
-    overhead = report["overhead"]["recursive"]
-    print(f"engine overhead at batch {overhead['batch']}: {100 * overhead['overhead_fraction']:.1f}% of a decode token "
-          f"({overhead['engine_token_ms']:.1f} ms vs {overhead['model_token_ms']:.1f} ms for the bare model forward)")  # fmt: skip
-    if "row6/row5" in report["ratios"]:
-        print(f"row 6 / row 5: {report['ratios']['row6/row5']:.2f}")
-    if "simulated" in report:
-        sim = report["simulated"]
-        print(f"simulated (paper's method): depthwise+oracle {sim['vs_static']['depthwise+oracle']:.2f}x static, "
-              f"{sim['vs_sequence']['depthwise+oracle']:.2f}x sequence; measured row 5: "
-              f"{report['ratios']['vs_static'][ROW5]:.2f}x static")  # fmt: skip
+    print(format_summary(report))
+    report.pop("table")  # printed above; the JSON keeps the numbers
     if args.json:
         _write_report(args.json, report)
 
 
 def cmd_simulate(args: argparse.Namespace) -> None:
     """The paper's hypothetical throughput: measured step costs x oracle/confidence exit trajectories on --data."""
+    from recursify import load
+    from recursify.data import load_tokens
     from recursify.serving.exit_policy import parse_exit_policy
-    from recursify.serving.simulate import simulate
+    from recursify.serving.simulate import format_simulation, simulate
+    from recursify.text import require_tokenizer
 
-    model = open_model(args.run)
+    model = load(args.run)
+    tokens = load_tokens(args.data, require_tokenizer(model), split="heldout", max_tokens=args.max_tokens)
     lengths = [args.new_tokens] * args.requests
-    report = simulate(model, _serve_data(args, model), parse_exit_policy(args.exit, model.loops), lengths, args.max_batch)
-    print(f"{'policy':<24}{'tokens/s':>10}{'x static':>10}{'x sequence':>12}")
-    for name, value in report["tokens_per_s"].items():
-        print(f"{name:<24}{value:>10.1f}{report['vs_static'][name]:>10.2f}{report['vs_sequence'][name]:>12.2f}")
-    print(f"mean loops per token: oracle {report['mean_oracle_loops']:.2f} of {model.loops} over {report['positions']} held-out positions")
+    report = simulate(model, tokens, parse_exit_policy(args.exit, model.loops), lengths, args.max_batch)
+    print(format_simulation(report, model.loops))
     if args.json:
         _write_report(args.json, report)
 
 
 def _add_serving_commands(sub: Any) -> None:
-    bench = sub.add_parser("bench-serve", help="measure serving throughput against the vanilla model", description=cmd_bench_serve.__doc__)
+    bench = _command(sub, "bench-serve", cmd_bench_serve, help="measure serving throughput against the vanilla model")
     bench.add_argument("run", help="recursive checkpoint directory")
-    bench.add_argument("--baseline", default=DEFAULT_MODEL, help=f"the original model, run with loops=1 (default: {DEFAULT_MODEL})")
+    bench.add_argument("--baseline", default=DEFAULT_MODEL, help="the original model, run with loops=1")
     bench.add_argument("--relaxed", help="a relaxed (LoRA) checkpoint for row 6: depth-wise + exit, and its no-exit reference")
     bench.add_argument("--relaxed-exit", help="row 6's exit rule; thresholds are calibrated per model (default: --exit)")
-    bench.add_argument("--requests", type=_positive_int, default=64, help="requests in the workload (default: 64)")
-    bench.add_argument("--arrival", default="all", help="'all' at once or 'poisson:RATE' requests/s (default: all)")
-    bench.add_argument("--prompt-tokens", type=_lengths, default=(8, 48), help="prompt length range MIN,MAX (default: 8,48)")
-    bench.add_argument("--new-tokens", type=_lengths, default=(16, 32), help="output length range MIN,MAX (default: 16,32)")
+    bench.add_argument("--requests", type=_positive_int, default=64, help="requests in the workload")
+    bench.add_argument("--arrival", default="all", help="'all' at once or 'poisson:RATE' requests/s")
+    bench.add_argument("--prompt-tokens", type=_lengths, default=(8, 48), help="prompt length range MIN,MAX")
+    bench.add_argument("--new-tokens", type=_lengths, default=(16, 32), help="output length range MIN,MAX")
     bench.add_argument("--data", help="held-out text for the simulated comparison (file, directory, hf:NAME); omitted: no simulation")
-    bench.add_argument("--max-tokens", type=_positive_int, default=4096, help="held-out tokens for --data trajectories (default: 4096)")
+    bench.add_argument("--max-tokens", type=_positive_int, default=4096, help="held-out tokens for --data trajectories")
     _add_engine_arguments(bench)
-    bench.set_defaults(func=cmd_bench_serve)
 
-    sim = sub.add_parser("simulate", help="the paper's hypothetical depth-wise batching throughput", description=cmd_simulate.__doc__)
+    sim = _command(sub, "simulate", cmd_simulate, help="the paper's hypothetical depth-wise batching throughput")
     sim.add_argument("run", help="recursive checkpoint directory")
     sim.add_argument("--data", required=True, help="held-out text for exit trajectories (file, directory, hf:NAME)")
-    sim.add_argument("--max-tokens", type=_positive_int, default=4096, help="held-out tokens (default: 4096)")
-    sim.add_argument("--requests", type=_positive_int, default=64, help="simulated requests (default: 64)")
-    sim.add_argument("--new-tokens", type=_positive_int, default=32, help="tokens per simulated request (default: 32)")
+    sim.add_argument("--max-tokens", type=_positive_int, default=4096, help="held-out tokens")
+    sim.add_argument("--requests", type=_positive_int, default=64, help="simulated requests")
+    sim.add_argument("--new-tokens", type=_positive_int, default=32, help="tokens per simulated request")
     _add_engine_arguments(sim)
-    sim.set_defaults(func=cmd_simulate)
 
 
 def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--exit", default="confidence:0.9", help="none | confidence:TAU[,..] | fixed:B | oracle (default: confidence:0.9)")
-    parser.add_argument("--max-batch", type=_positive_int, default=32, help="requests per step (default: 32)")
-    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16 autocast is ~2x faster on CPU (default: fp32)")
-    parser.add_argument("--seed", type=int, default=0, help="workload seed (default: 0)")
+    parser.add_argument("--exit", default="confidence:0.9", help="none | confidence:TAU[,..] | fixed:B | oracle")
+    parser.add_argument("--max-batch", type=_positive_int, default=EngineConfig.max_batch, help="requests per step")
+    parser.add_argument(
+        "--precision", choices=PRECISIONS, default=EngineConfig.precision, help="bf16 autocast is ~2x faster on CPUs with bf16 units"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="workload seed")
     parser.add_argument("--json", metavar="OUT", help="write the JSON report to OUT ('-' = stdout)")
 
 
@@ -583,26 +532,26 @@ def cmd_demo(args: argparse.Namespace) -> None:
     writes OUT/report.md, OUT/report.json and OUT/plots/*.png with the exact command behind every row.
     """
     from recursify.demo import DemoOptions, run_demo
+    from recursify.sources import quiet_transformers
 
     options = DemoOptions(args.out, args.minutes, args.quick, args.model, args.data, args.tasks, args.seed)
     quiet_transformers()
-    run_demo(options, fresh=args.fresh)
+    run_demo(options, execute=run_command, fresh=args.fresh)
 
 
 def _add_demo_command(sub: Any) -> None:
     help_text = "the main job: convert, uptrain, evaluate and serve the embedded model"
-    demo = sub.add_parser("demo", help=help_text, description=cmd_demo.__doc__)
-    demo.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
-    demo.add_argument("--minutes", type=float, default=20.0, help="wall-clock budget of the whole run (default: 20)")
+    demo = _command(sub, "demo", cmd_demo, help=help_text)
+    demo.add_argument("--out", default="runs/demo", help="run directory")
+    demo.add_argument("--minutes", type=float, default=20.0, help="wall-clock budget of the whole run")
     demo.add_argument("--quick", action="store_true", help="tiny budgets: every stage once, a smoke run of a few minutes")
-    demo.add_argument("--model", default=DEFAULT_MODEL, help=f"source model (default: {DEFAULT_MODEL}, embedded)")
+    demo.add_argument("--model", default=DEFAULT_MODEL, help="source model")
     demo.add_argument("--data", help="train and evaluate on this --data spec (default: text sampled from the model, teacher:N)")
     demo.add_argument(
         "--tasks", nargs="+", metavar="TASK", help="multiple-choice tasks (default: bigbench:general_knowledge when cached or fetchable)"
     )
-    demo.add_argument("--seed", type=int, default=0, help="data and sampling seed (default: 0)")
+    demo.add_argument("--seed", type=int, default=0, help="data and sampling seed")
     demo.add_argument("--fresh", action="store_true", help="discard an earlier run in --out and start over")
-    demo.set_defaults(func=cmd_demo)
 
 
 def _version() -> str:
@@ -612,6 +561,12 @@ def _version() -> str:
         return version("recursify")
     except PackageNotFoundError:
         return "unknown"
+
+
+def run_command(argv: Sequence[str]) -> None:
+    """Run ``recursify ARGV`` in this process, raising the command's errors instead of exiting (the demo's steps)."""
+    args = build_parser().parse_args(argv)
+    args.func(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -24,6 +24,8 @@ SHARED_FITS: tuple[str, ...] = ("init", "lsq")
 NORM_MODES: tuple[str, ...] = ("per-depth", "tied", "fold")
 LINEARS: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
 RELAX_KINDS: tuple[str, ...] = ("lora", "lora-xs", "prefix:N", "bias")
+CALIB_TOKENS = 16384  # calibration tokens streamed through the original by data-aware conversion
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16")  # what a forward computes in; "auto" picks one from the hardware where offered
 
 
 def parse_relax(spec: str) -> tuple[str, int]:
@@ -186,3 +188,21 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 def to_dict(obj: Any) -> dict[str, Any]:
     """Dataclass to a JSON-ready dict."""
     return dataclasses.asdict(obj)
+
+
+@dataclass
+class SamplingConfig:
+    """Decoding rule. temperature 0 means greedy; top_k 0 and top_p 1.0 disable those filters."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")

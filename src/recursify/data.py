@@ -248,7 +248,7 @@ def sample_corpus(
     """
     from tqdm.auto import tqdm
 
-    from recursify.modeling.generation import SamplingConfig
+    from recursify.config import SamplingConfig
     from recursify.text import encode_prompts, precision_context, require_tokenizer
 
     tokenizer = require_tokenizer(model)

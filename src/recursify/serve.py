@@ -1,5 +1,6 @@
 """``from recursify.serve import Engine``: the serving engine and its option/output types."""
 
-from recursify.serving.engine import Engine, EngineConfig, RequestOutput
+from recursify.serving.config import EngineConfig
+from recursify.serving.engine import Engine, RequestOutput
 
 __all__ = ["Engine", "EngineConfig", "RequestOutput"]

@@ -343,3 +343,8 @@ def load_source(spec: str | os.PathLike[str], check_config: ConfigCheck | None =
         f"{text!r} is not an existing path, a known alias or a hub id (owner/name); pass a "
         f"checkpoint directory, a .gguf file, or an alias: {_known_aliases()}"
     )
+
+
+def quiet_transformers() -> None:
+    """Silence transformers' own progress bars (weight loading, GGUF dequantisation)."""
+    transformers.utils.logging.disable_progress_bar()

@@ -11,13 +11,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from recursify.config import PRECISIONS, SamplingConfig
 from recursify.errors import ConfigError
-from recursify.modeling.generation import SamplingConfig, stream
+from recursify.modeling.generation import stream
 
 if TYPE_CHECKING:
     from recursify.modeling.model import RecursiveModel
-
-PRECISIONS = ("fp32", "bf16")
 
 
 def precision_context(precision: str, device: torch.device | str = "cpu") -> contextlib.AbstractContextManager[Any]:

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 import recursify
+from recursify.config import SamplingConfig
 from recursify.errors import ConfigError
-from recursify.modeling.generation import SamplingConfig, sample_next
+from recursify.modeling.generation import sample_next
 from recursify.modeling.layers import AttentionContext, build_masks
 from recursify.modeling.lora import lora_delta
 from recursify.modeling.model import RecursiveModel

@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from reference import early_exit_greedy, truncated_greedy
 
 import recursify
+from recursify.config import SamplingConfig
 from recursify.errors import ConfigError
-from recursify.modeling.generation import SamplingConfig
 from recursify.modeling.model import RecursiveModel
 from recursify.serve import Engine
 from recursify.serving.exit_policy import parse_exit_policy

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from recursify.config import LINEARS, ArchConfig, RecursionConfig, parse_relax
+from recursify.config import CALIB_TOKENS, LINEARS, ArchConfig, RecursionConfig, parse_relax
 from recursify.conversion.calibration import Calibration, calibrate, damped, weighted_error
 from recursify.conversion.lora_init import asvd_lora, resolve_ranks, squared_singular_values, svd_lora, zero_lora
 from recursify.conversion.rank_budget import allocate_ranks, parse_budget
@@ -37,7 +37,7 @@ def convert(
     progress: bool = True,
     shared_init: str = "init",
     calib: str | Calibration | None = None,
-    calib_tokens: int = 16384,
+    calib_tokens: int = CALIB_TOKENS,
     lora_params: int | str | None = None,
     lsq_rounds: int = 2,
     relax: str = "lora",

@@ -31,7 +31,7 @@ from recursify.demo.plan import (
     ModelSpec,
     plan_budget,
 )
-from recursify.demo.steps import Progress, StepLog, run_step
+from recursify.demo.steps import Execute, Progress, StepLog, run_step
 from recursify.errors import CheckpointError, ConfigError, RecursifyError
 from recursify.files import write_json
 
@@ -44,10 +44,10 @@ EXIT_LOSS = ["--exit-loss", "aggressive:0.1", "--self-distill"]
 class Demo:
     """One run directory and the commands that fill it; every stage skips what an earlier run finished."""
 
-    def __init__(self, options: DemoOptions, fresh: bool = False, progress: Progress | None = None):
+    def __init__(self, options: DemoOptions, execute: Execute, fresh: bool = False, progress: Progress | None = None):
         self.options = options
         self.root = Path(options.out)
-        self.steps = StepLog(self.root)
+        self.steps = StepLog(self.root, execute)
         self.progress = progress or Progress()
         self.plan: dict[str, Any] = self._saved_plan(fresh)  # empty for a new run; the model stage fills it
 
@@ -107,8 +107,10 @@ class Demo:
 
     def stage_model(self) -> None:
         """Fetch the source (cached), print its parameter table, measure speeds and plan the budget."""
-        from recursify.cli import format_info, info_dict, open_model, quiet_transformers
         from recursify.demo.probe import measure_speeds, model_shape
+        from recursify.info import format_model_info, model_info
+        from recursify.loading import load
+        from recursify.sources import quiet_transformers
 
         self.progress.stage("model")
         began = time.perf_counter()
@@ -116,9 +118,9 @@ class Demo:
             self.progress.say(f"  continuing the run in {self.root} (budget fixed at its start; --fresh redoes it)")
             return
         quiet_transformers()
-        model = open_model(self.options.model)
-        info = info_dict(model)
-        self.progress.say(format_info(info))
+        model = load(self.options.model)
+        info = model_info(model)
+        self.progress.say(format_model_info(info))
         if self.options.quick:
             budget, speeds = QUICK_BUDGET, None
         else:
@@ -241,6 +243,9 @@ def _resume_or_overwrite(path: Path) -> Callable[[], list[str]]:
     return flags
 
 
-def run_demo(options: DemoOptions, fresh: bool = False) -> dict[str, Any]:
-    """Run (or continue) the demo; returns the report (also written to ``OUT/report.json``)."""
-    return Demo(options, fresh).run()
+def run_demo(options: DemoOptions, execute: Execute, fresh: bool = False) -> dict[str, Any]:
+    """Run (or continue) the demo; returns the report (also written to ``OUT/report.json``).
+
+    ``execute`` runs one ``recursify ARGV`` command in this process (the CLI hands in its ``run_command``).
+    """
+    return Demo(options, execute, fresh).run()

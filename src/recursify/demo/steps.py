@@ -1,9 +1,11 @@
 """Resumable steps: each demo step is a real ``recursify`` command, run in-process and recorded.
 
 Running the CLI's own commands (instead of calling library functions with the same arguments) makes
-the report's "commands to reproduce" exactly what ran. A step is done when its marker file exists;
-markers are written atomically after the command finished, so a Ctrl-C mid-step reruns that step on
-the next invocation (uptraining picks up its own last checkpoint with ``--resume``).
+the report's "commands to reproduce" exactly what ran. The library does not import the CLI: whoever
+starts the demo (``recursify demo``) hands in ``execute``, the function that runs ``recursify ARGV``.
+A step is done when its marker file exists; markers are written atomically after the command finished,
+so a Ctrl-C mid-step reruns that step on the next invocation (uptraining picks up its own last
+checkpoint with ``--resume``).
 """
 
 from __future__ import annotations
@@ -22,12 +24,16 @@ from recursify.files import write_json
 
 STAGES = ("model", "convert", "uptrain", "evaluate", "serve", "report")
 
+Execute = Callable[[list[str]], None]
+"""Runs ``recursify ARGV`` in this process; a user error raises the command's own ``RecursifyError``."""
+
 
 @dataclass
 class StepLog:
-    """Where a run keeps its step markers and command logs."""
+    """Where a run keeps its step markers and command logs, and how it runs a command."""
 
     root: Path
+    execute: Execute
 
     @property
     def state_dir(self) -> Path:
@@ -54,18 +60,15 @@ def command_line(argv: list[str]) -> str:
     return "recursify " + shlex.join(argv)
 
 
-def run_command(argv: list[str], log_path: Path) -> None:
+def run_command(execute: Execute, argv: list[str], log_path: Path) -> None:
     """Run ``recursify ARGV`` in this process; its stdout goes to ``log_path``, progress bars (stderr) stay visible.
 
     Errors propagate as the command's own ``RecursifyError`` so the demo stops with that message.
     """
-    from recursify.cli import build_parser
-
-    args = build_parser().parse_args(argv)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("a", encoding="utf-8") as log, contextlib.redirect_stdout(log):
         print(f"$ {command_line(argv)}", flush=True)
-        args.func(args)
+        execute(argv)
 
 
 class Progress:
@@ -104,5 +107,5 @@ def run_step(
         return finished
     progress.say(f"  {key}: {command_line(argv)}")
     began = time.perf_counter()
-    run_command(argv + restart(), steps.log_dir / f"{key.replace('/', '--')}.log")
+    run_command(steps.execute, argv + restart(), steps.log_dir / f"{key.replace('/', '--')}.log")
     return steps.record(key, {"command": command_line(argv), "seconds": round(time.perf_counter() - began, 2)})

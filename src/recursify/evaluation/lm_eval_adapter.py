@@ -22,18 +22,12 @@ from lm_eval.api.instance import Instance
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
+from recursify.config import SamplingConfig
 from recursify.evaluation.loglikelihood import continuation_logprobs, encode_pair, model_max_length, prefix_token_id
 from recursify.evaluation.perplexity import evaluate_perplexity
-from recursify.modeling.generation import SamplingConfig
+from recursify.loading import load
 from recursify.modeling.model import RecursiveModel
 from recursify.text import precision_context, require_tokenizer
-
-
-def _open(path: str) -> RecursiveModel:
-    from recursify.checkpoint import is_checkpoint, load
-    from recursify.conversion.convert import convert
-
-    return load(path) if is_checkpoint(path) else convert(path, loops=1, progress=False)
 
 
 @register_model("recursify")
@@ -53,7 +47,7 @@ class RecursifyLM(LM):
         super().__init__()
         if (path is None) == (model is None):
             raise ValueError("give exactly one of path=<checkpoint or source> and model=<RecursiveModel>")
-        self.model = model if model is not None else _open(str(path))
+        self.model = model if model is not None else load(str(path))
         self.model.eval()
         self.tokenizer = require_tokenizer(self.model)
         self.batch_size = 8 if batch_size in ("auto", None) else int(batch_size)

@@ -7,33 +7,15 @@ token, as transformers' ``generate`` does, so outputs can be compared token for 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
+from recursify.config import SamplingConfig
 from recursify.errors import ConfigError
 
 if TYPE_CHECKING:
     from recursify.modeling.model import RecursiveModel
-
-
-@dataclass
-class SamplingConfig:
-    """Decoding rule. temperature 0 means greedy; top_k 0 and top_p 1.0 disable those filters."""
-
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
 def sample_next(logits: torch.Tensor, config: SamplingConfig, generator: torch.Generator | None = None) -> torch.Tensor:

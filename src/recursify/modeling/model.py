@@ -6,15 +6,19 @@ teacher, baseline and student everywhere in recursify.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from recursify import checkpoint
 from recursify.config import LINEARS, ArchConfig, RecursionConfig
-from recursify.errors import ConfigError
+from recursify.errors import CheckpointError, ConfigError, RecursifyError
 from recursify.modeling.kv_cache import KVCache
 from recursify.modeling.layers import FOLDABLE_NORMS, AttentionContext, SharedLayer, build_masks, norm_names
 from recursify.modeling.lora import DepthRMSNorm
@@ -206,11 +210,47 @@ class RecursiveModel(nn.Module):
 
         return stream(self, input_ids, **kwargs)
 
-    def save_pretrained(self, directory: str, overwrite: bool = False) -> None:
-        """Write config.json + model.safetensors (+ tokenizer files) atomically."""
-        from recursify.checkpoint import save_pretrained
+    def save_pretrained(self, directory: str | os.PathLike[str], overwrite: bool = False) -> None:
+        """Write config.json + model.safetensors (+ tokenizer files) atomically; ``from_pretrained`` reads them back."""
+        config = {
+            "architecture": dataclasses.asdict(self.arch),
+            "recursion": dataclasses.asdict(self.recursion),
+            "source": dataclasses.asdict(self.source),
+            "params": self.param_counts(),
+            "report": self.report,
+        }
+        checkpoint.write_checkpoint(directory, config, self.state_dict(), self.tokenizer, overwrite=overwrite)
 
-        save_pretrained(self, directory, overwrite=overwrite)
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike[str], device: str | torch.device = "cpu") -> RecursiveModel:
+        """A checkpoint directory written by ``save_pretrained`` (weights via safetensors only), in eval mode.
+
+        ``recursify.load`` opens any source; this opens recursify checkpoints only, with errors that
+        say what is wrong with one.
+        """
+        path = Path(directory)
+        config = checkpoint.read_config(path)
+        config_file = path / checkpoint.CONFIG_FILE
+        try:
+            arch = ArchConfig(**config["architecture"])
+            recursion = RecursionConfig(**config["recursion"])
+            source = SourceInfo(**config.get("source", {}))
+            model = cls(arch, recursion, source)  # validates loops against the layers, too
+        except (KeyError, TypeError) as err:
+            raise CheckpointError(f"{config_file} is incomplete or malformed ({err}); re-create the checkpoint") from err
+        except RecursifyError as err:
+            raise CheckpointError(f"{config_file} holds an invalid configuration: {err}") from err
+        state = checkpoint.read_weights(path, device)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as err:
+            first_line = str(err).splitlines()[0]
+            raise CheckpointError(
+                f"{path / checkpoint.WEIGHTS_FILE} does not match its config.json ({first_line}); re-create the checkpoint"
+            ) from err
+        model.report = config.get("report", {})
+        model.tokenizer = checkpoint.load_tokenizer(path)
+        return model.to(device).eval()
 
 
 def rope_buffer_name(layer_type: str) -> str:

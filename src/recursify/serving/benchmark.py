@@ -18,7 +18,8 @@ import torch
 from recursify.data import load_tokens
 from recursify.errors import ConfigError
 from recursify.modeling.model import RecursiveModel
-from recursify.serving.engine import Engine, EngineConfig, EngineStats, RequestOutput
+from recursify.serving.config import EngineConfig
+from recursify.serving.engine import Engine, EngineStats, RequestOutput
 from recursify.serving.exit_policy import parse_exit_policy
 from recursify.serving.simulate import simulate
 from recursify.text import precision_context, require_tokenizer
@@ -330,9 +331,9 @@ def open_or_keep(model: RecursiveModel | str) -> RecursiveModel:
     """A model object as is; a checkpoint directory or model source opened (sources run as originals)."""
     if isinstance(model, RecursiveModel):
         return model
-    from recursify.cli import open_model
+    from recursify.loading import load
 
-    return open_model(model)
+    return load(model)
 
 
 def serving_benchmark(
@@ -386,3 +387,22 @@ def serving_benchmark(
         }
         report["simulated"] = sim
     return report
+
+
+def format_summary(report: dict[str, Any]) -> str:
+    """``bench-serve``'s printout of one workload's report: the table, engine overhead, row 6 / row 5, the simulation."""
+    overhead = report["overhead"]["recursive"]
+    lines = [
+        report["table"],
+        f"engine overhead at batch {overhead['batch']}: {100 * overhead['overhead_fraction']:.1f}% of a decode token "
+        f"({overhead['engine_token_ms']:.1f} ms vs {overhead['model_token_ms']:.1f} ms for the bare model forward)",
+    ]
+    if "row6/row5" in report["ratios"]:
+        lines.append(f"row 6 / row 5: {report['ratios']['row6/row5']:.2f}")
+    if "simulated" in report:
+        sim = report["simulated"]
+        lines.append(
+            f"simulated (paper's method): depthwise+oracle {sim['vs_static']['depthwise+oracle']:.2f}x static, "
+            f"{sim['vs_sequence']['depthwise+oracle']:.2f}x sequence; measured row 5: {report['ratios']['vs_static'][ROW5]:.2f}x static"
+        )
+    return "\n".join(lines)

@@ -14,48 +14,16 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from recursify.config import SamplingConfig
 from recursify.errors import ConfigError
-from recursify.modeling.generation import SamplingConfig
 from recursify.modeling.model import RecursiveModel
+from recursify.serving.config import EngineConfig
 from recursify.serving.exit_policy import parse_exit_policy
 from recursify.serving.kv_cache import BlockAllocator, KVPool
 from recursify.serving.request import Request
 from recursify.serving.runner import ModelRunner, block_size_of
-from recursify.serving.scheduler import BATCHING, Scheduler, StepEvents
+from recursify.serving.scheduler import Scheduler, StepEvents
 from recursify.text import precision_context
-
-
-@dataclass
-class EngineConfig:
-    """Serving options.
-
-    Attributes:
-        batching: static | sequence | depthwise (continuous depth-wise batching, recursive models).
-        max_batch: most requests running at once.
-        exit: none | confidence:TAU[,TAU...] | fixed:B | oracle (simulation only: runs every loop).
-        kv_mode: keys/values of early-exited tokens at deeper loops: propagate (computed later
-            from the exit hidden state) or share (copied from the last computed loop).
-        precision: fp32 or bf16 (autocast).
-        max_kv_tokens: KV pool size in positions (each holding every depth); requests that do not
-            fit wait for others to finish (admission control instead of out-of-memory).
-        block_size: positions per KV block.
-        max_prefill_chunk: longest prompt chunk one step processes (longer prompts are chunked).
-    """
-
-    batching: str = "depthwise"
-    max_batch: int = 32
-    exit: str = "none"
-    kv_mode: str = "propagate"
-    precision: str = "fp32"
-    max_kv_tokens: int = 16384
-    block_size: int = 16
-    max_prefill_chunk: int = 512
-
-    def __post_init__(self) -> None:
-        if self.batching not in BATCHING:
-            raise ConfigError(f"unknown batching {self.batching!r}; choose one of: {', '.join(BATCHING)}")
-        if self.max_kv_tokens < self.block_size:
-            raise ConfigError(f"max_kv_tokens ({self.max_kv_tokens}) must hold at least one block of {self.block_size}")
 
 
 @dataclass
@@ -124,9 +92,9 @@ class Engine:
     @classmethod
     def from_pretrained(cls, path: str, **options: Any) -> Engine:
         """Serve a recursify checkpoint directory, or any model source as the original (loops=1)."""
-        from recursify.cli import open_model
+        from recursify.loading import load
 
-        return cls(open_model(path), EngineConfig(**options))
+        return cls(load(path), EngineConfig(**options))
 
     # --- requests ---------------------------------------------------------------------------
 

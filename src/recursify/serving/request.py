@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from recursify.modeling.generation import SamplingConfig
+from recursify.config import SamplingConfig
 
 
 class RequestStatus(enum.Enum):

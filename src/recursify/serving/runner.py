@@ -17,8 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
+from recursify.config import SamplingConfig
 from recursify.errors import ConfigError
-from recursify.modeling.generation import SamplingConfig, sample_next
+from recursify.modeling.generation import sample_next
 from recursify.modeling.layers import SharedLayer, scaled_attention
 from recursify.modeling.lora import Visit
 from recursify.modeling.model import RecursiveModel

@@ -18,12 +18,10 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from recursify.errors import ConfigError
+from recursify.serving.config import BATCHING, KV_MODES
 from recursify.serving.exit_policy import oracle_exit_loop
 from recursify.serving.kv_cache import BlockAllocator
 from recursify.serving.request import Request, RequestStatus
-
-BATCHING = ("static", "sequence", "depthwise")
-KV_MODES = ("propagate", "share")
 
 
 @dataclass(frozen=True)

@@ -161,3 +161,12 @@ def simulate(
         },
         "note": "vanilla rows are simulated with the recursive model's own step cost (same depth), as in the paper's appendix K",
     }
+
+
+def format_simulation(report: dict[str, Any], loops: int) -> str:
+    """``recursify simulate``'s table: tokens/s per policy, its ratios to static and sequence-wise batching, oracle loops."""
+    lines = [f"{'policy':<24}{'tokens/s':>10}{'x static':>10}{'x sequence':>12}"]
+    for name, value in report["tokens_per_s"].items():
+        lines.append(f"{name:<24}{value:>10.1f}{report['vs_static'][name]:>10.2f}{report['vs_sequence'][name]:>12.2f}")
+    lines.append(f"mean loops per token: oracle {report['mean_oracle_loops']:.2f} of {loops} over {report['positions']} held-out positions")
+    return "\n".join(lines)

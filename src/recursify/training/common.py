@@ -15,9 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from recursify.checkpoint import is_checkpoint, load, read_config
+from recursify.checkpoint import read_config
 from recursify.data import load_tokens, pack
 from recursify.errors import ConfigError, DataError
+from recursify.loading import load
 from recursify.modeling.model import RecursiveModel
 from recursify.text import precision_context, require_tokenizer
 from recursify.training.exit_ensemble import ExitEnsemble
@@ -45,9 +46,7 @@ def open_teacher(spec: str) -> RecursiveModel:
 
     The one place a teacher spec becomes a model, so uptraining and healing accept the same specs.
     """
-    from recursify.conversion.convert import convert
-
-    teacher = load(spec) if is_checkpoint(spec) else convert(spec, loops=1, progress=False)
+    teacher = load(spec)
     teacher.requires_grad_(False)
     return teacher.eval()
 

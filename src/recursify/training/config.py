@@ -6,8 +6,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from recursify.config import PRECISIONS
 from recursify.errors import ConfigError
-from recursify.text import PRECISIONS
 from recursify.training.losses import LossConfig
 
 # Options that may differ between a run and its --resume without changing the result.

@@ -24,12 +24,14 @@ from typing import Any
 
 import torch
 
-from recursify.checkpoint import check_writable, is_checkpoint, load
+from recursify.checkpoint import check_writable, is_checkpoint
+from recursify.config import PRECISIONS
 from recursify.data import load_tokens, pack
 from recursify.errors import CheckpointError, ConfigError, DataError
+from recursify.loading import load
 from recursify.modeling.layers import AttentionContext, build_masks
 from recursify.modeling.model import RecursiveModel
-from recursify.text import PRECISIONS, precision_context, require_tokenizer
+from recursify.text import precision_context, require_tokenizer
 from recursify.training.budget import CpuBudget, budget_lr_factor
 from recursify.training.common import (
     BETAS,

@@ -39,9 +39,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from recursify.checkpoint import check_writable, is_checkpoint, load
+from recursify.checkpoint import check_writable, is_checkpoint
 from recursify.data import load_tokens, pack
 from recursify.errors import CheckpointError, ConfigError, DataError, TrainingError
+from recursify.loading import load
 from recursify.modeling.model import RecursiveModel
 from recursify.text import precision_context, require_tokenizer
 from recursify.training import checkpointing

@@ -1,0 +1,72 @@
+"""What a model is, in one table: parameters by group, the recursion, where it came from.
+
+The single place for the summary ``recursify info`` prints, ``convert`` shows after saving and the demo
+reports; ``model_info`` is the machine-readable form, ``format_model_info`` the table.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from recursify.modeling.model import RecursiveModel
+
+
+def model_info(model: RecursiveModel) -> dict[str, Any]:
+    """The machine-readable summary (``recursify info --json``): parameters by group, the recursion and its source."""
+    recursion = model.recursion
+    return {
+        "params": model.param_counts(),
+        "loops": recursion.loops,
+        "unique_layers": len(model.layers),
+        "depths": model.num_depths,
+        "strategy": recursion.strategy,
+        "init": recursion.init,
+        "rank": recursion.rank_spec,
+        "ranks": recursion.ranks,
+        "lora_init": recursion.lora_init,
+        "norms": recursion.norms,
+        "family": model.arch.family,
+        "source": model.source.spec,
+        "shared_init": recursion.shared_init,
+        "calib": recursion.calib,
+        "calib_tokens": recursion.calib_tokens,
+        "lora_params": recursion.lora_params,
+        "layer_ranks": recursion.layer_ranks,
+        "relax": recursion.relax,
+        "report": model.report,
+    }
+
+
+def format_model_info(info: dict[str, Any]) -> str:
+    """The human-readable parameter table of ``model_info`` (``recursify info``), with conversion diagnostics."""
+    params = info["params"]
+    rows = [
+        ("embedding", params["embedding"]),
+        ("non-embedding", params["non_embedding"]),
+        ("LoRA", params["lora"]),
+        ("total", params["total"]),
+        ("source total", params["source_total"]),
+    ]
+    if params.get("frozen"):  # LoRA-XS factors: stored and used, never trained
+        rows.insert(3, ("frozen (fixed)", params["frozen"]))
+    capped = {name: r for name, r in info["ranks"].items() if isinstance(info["rank"], int) and r < info["rank"]}
+    rank_note = f" (capped at full rank: {', '.join(f'{n}={r}' for n, r in capped.items())})" if capped else ""
+    lines = [
+        f"source      {info['source']} ({info['family']})",
+        f"recursion   {info['loops']} loops x {info['unique_layers']} unique layers = {info['depths']} depths, "
+        f"strategy {info['strategy']}, init {info['init']}",
+        f"relaxation  {info.get('relax', 'lora')}, rank {info['rank']}{rank_note}, {info['lora_init']} init, "
+        f"norms {info['norms']}, shared {info['shared_init']}",
+        "",
+        f"{'parameters':<15}{'count':>14}{'millions':>10}",
+    ]
+    lines += [f"{name:<15}{count:>14,}{count / 1e6:>10.2f}" for name, count in rows]
+    lines.append(f"{'ratio':<15}{params['ratio']:>14.3f}")
+    errors = info.get("report", {}).get("relative_error")
+    if errors:
+        lines += ["", f"relative reconstruction error on {info['calib_tokens']} calibration tokens ({info['calib']}), %:"]
+        lines.append("depth " + "".join(f"{name:>8}" for name in errors))
+        for depth in range(info["depths"]):
+            lines.append(f"{depth:>5} " + "".join(f"{100 * errors[name][depth]:>8.2f}" for name in errors))
+    return "\n".join(lines)
