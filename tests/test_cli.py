@@ -186,12 +186,13 @@ def test_relax_variants_on_the_command_line(source_dir: Path, tmp_path: Path, ca
     assert "positive number of prefix tokens" in capsys.readouterr().err
 
 
-def test_cli_import_does_not_load_torch() -> None:
-    """Importing the CLI does not pay for torch: each command imports the library it calls."""
+def test_cli_import_and_help_do_not_load_torch() -> None:
+    """``recursify --help`` and argument checking answer without paying for torch: each command imports the library it calls."""
     import subprocess
     import sys
 
-    code = "import sys, recursify.cli as cli; assert 'torch' not in sys.modules, 'import'"
+    code = "import sys, recursify.cli as cli; assert 'torch' not in sys.modules, 'import'; "
+    code += "cli.build_parser(); assert 'torch' not in sys.modules, 'parser'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -204,6 +205,7 @@ def test_help_states_each_default_from_the_config(capsys: pytest.CaptureFixture[
     assert f"shared-layer init (default: {RecursionConfig.init})" in out
     assert f"(default: {RecursionConfig.lsq_rounds})" in out
     assert "--out OUT output directory" in out  # required: no default to state
+    assert "seed for random init (default: 0)" in out  # a falsy default is still a default
 
 
 def test_library_never_imports_the_cli() -> None:

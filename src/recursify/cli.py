@@ -38,7 +38,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Appends "(default: X)" from the parser's actual default; options without one (None, False) or that explain theirs get nothing."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default in (None, False) or "(default" in (action.help or ""):
+        if action.default is None or action.default is False or "(default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 
@@ -146,8 +146,7 @@ def cmd_uptrain(args: argparse.Namespace) -> None:
     """Uptrain a converted model: KD from the original (online teacher), early-exit losses, resumable."""
     from recursify.sources import quiet_transformers
     from recursify.training.common import default_teacher
-    from recursify.training.config import UptrainConfig
-    from recursify.training.losses import LossConfig
+    from recursify.training.config import LossConfig, UptrainConfig
     from recursify.training.uptrain import uptrain
 
     teacher = None if args.no_teacher else (args.teacher or default_teacher(args.student))
@@ -168,7 +167,8 @@ def cmd_uptrain(args: argparse.Namespace) -> None:
 def cmd_heal(args: argparse.Namespace) -> None:
     """Heal a converted model: fit every depth to the original's hidden states (teacher forcing), then optional KD."""
     from recursify.sources import quiet_transformers
-    from recursify.training.healing import HealConfig, heal
+    from recursify.training.config import HealConfig
+    from recursify.training.healing import heal
 
     fields = ["teacher", "calib_tokens", "minutes", "kd_minutes", "seq_len", "micro_batch", "lr", "kd_lr", "kd_batch_tokens"]
     fields += ["eval_tokens", "eval_every_minutes", "precision", "seed", "overwrite", "quiet"]
@@ -187,38 +187,39 @@ def cmd_plot(args: argparse.Namespace) -> None:
 
 
 def _add_training_commands(sub: Any) -> None:
-    from recursify.training.losses import KD_KINDS
+    from recursify.training.config import KD_KINDS, LossConfig, UptrainConfig
 
+    loss, run = LossConfig(), UptrainConfig
     up = _command(sub, "uptrain", cmd_uptrain, help="uptrain (KD, early exits) a converted model")
     up.add_argument("student", help="checkpoint directory written by 'recursify convert' (or a previous uptrain)")
     up.add_argument("--teacher", help="KD teacher, run with loops=1 (default: the model the student was converted from)")
     up.add_argument("--no-teacher", action="store_true", help="train on cross-entropy only (needs --data)")
     up.add_argument("--data", help="file, directory, teacher:N, hf:NAME[:CONFIG] (default: teacher:<--tokens>)")
-    up.add_argument("--tokens", type=_count, default=1_000_000, help="training tokens, e.g. 2M (default: 1M)")
-    up.add_argument("--cpu-minutes", type=float, default=None, help="also stop after this many CPU-minutes of training (process time)")
-    up.add_argument("--seq-len", type=_positive_int, default=512, help="tokens per row (default: 512)")
-    up.add_argument("--batch-tokens", type=_count, default=16_384, help="tokens per optimizer step (default: 16384)")
-    up.add_argument("--micro-batch", type=_positive_int, default=4, help="rows per forward; gradients accumulate (default: 4)")
-    up.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default: 2e-4)")
-    up.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine floor as a fraction of --lr (default: 0.1)")
-    up.add_argument("--warmup-steps", type=int, default=None, help="linear warmup steps (default: 5%% of the steps)")
-    up.add_argument("--weight-decay", type=float, default=0.0, help="AdamW decay on weight matrices (default: 0)")
-    up.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping, 0 = off (default: 1.0)")
-    up.add_argument("--kd", choices=KD_KINDS, default="forward-kl", help="KD divergence (default: forward-kl)")
+    up.add_argument("--tokens", type=_count, default=run.tokens, help="training tokens, e.g. 2M")
+    up.add_argument(
+        "--cpu-minutes", type=float, default=run.cpu_minutes, help="also stop after this many CPU-minutes of training (process time)"
+    )
+    up.add_argument("--seq-len", type=_positive_int, default=run.seq_len, help="tokens per row")
+    up.add_argument("--batch-tokens", type=_count, default=run.batch_tokens, help="tokens per optimizer step")
+    up.add_argument("--micro-batch", type=_positive_int, default=run.micro_batch, help="rows per forward; gradients accumulate")
+    up.add_argument("--lr", type=float, default=run.lr, help="peak learning rate")
+    up.add_argument("--min-lr-ratio", type=float, default=run.min_lr_ratio, help="cosine floor as a fraction of --lr")
+    up.add_argument("--warmup-steps", type=int, default=run.warmup_steps, help="linear warmup steps (default: 5%% of the steps)")
+    up.add_argument("--weight-decay", type=float, default=run.weight_decay, help="AdamW decay on weight matrices")
+    up.add_argument("--clip", type=float, default=run.clip, help="gradient-norm clipping, 0 = off")
+    up.add_argument("--kd", choices=KD_KINDS, default=loss.kd, help="KD divergence")
     up.add_argument("--kd-weight", type=float, default=None, help="w in (1-w) CE + w KD (default: 1 with a teacher, else 0)")
-    up.add_argument("--temperature", type=float, default=1.0, help="KD softmax temperature (default: 1)")
-    up.add_argument("--exit-loss", default="none", help="none | weighted | aggressive:C (default: none)")
+    up.add_argument("--temperature", type=float, default=loss.temperature, help="KD softmax temperature")
+    up.add_argument("--exit-loss", default=loss.exit_loss, help="none | weighted | aggressive:C")
     up.add_argument("--self-distill", action="store_true", help="earlier exits also learn from the final exit")
     up.add_argument("--exit-ensemble", action="store_true", help="learn weights combining exits 1..b at exit b")
     up.add_argument("--freeze", action="append", metavar="PATTERN", help="freeze matching parameters; '!PATTERN' keeps them (repeat)")
-    up.add_argument(
-        "--precision", choices=("auto", "bf16", "fp32"), default="auto", help="auto = bf16 where the hardware has it, else fp32"
-    )
+    _add_training_precision(up, run.precision)
     up.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations to save memory")
-    up.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps, 0 = end only (default: 200)")
-    up.add_argument("--eval-every", type=int, default=0, help="held-out evaluation every N steps (default: start and end)")
-    up.add_argument("--eval-tokens", type=_count_or_zero, default=16_384, help="held-out tokens per evaluation, 0 = none (default: 16384)")
-    up.add_argument("--seed", type=int, default=0, help="data order and teacher-corpus seed (default: 0)")
+    up.add_argument("--save-every", type=int, default=run.save_every, help="checkpoint every N steps, 0 = end only")
+    up.add_argument("--eval-every", type=int, default=run.eval_every, help="held-out evaluation every N steps (default: start and end)")
+    up.add_argument("--eval-tokens", type=_count_or_zero, default=run.eval_tokens, help="held-out tokens per evaluation, 0 = none")
+    up.add_argument("--seed", type=int, default=run.seed, help="data order and teacher-corpus seed")
     up.add_argument("--out", required=True, help="output checkpoint directory (training state in OUT/training)")
     up.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     up.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -230,27 +231,34 @@ def _add_training_commands(sub: Any) -> None:
     plot.add_argument("--out", help="PNG path (default: RUN/loss.png)")
 
 
+def _add_training_precision(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument(
+        "--precision", choices=("auto", *PRECISIONS), default=default, help="auto = bf16 where the hardware computes it natively, else fp32"
+    )
+
+
 def _add_heal_command(sub: Any) -> None:
+    from recursify.training.config import HealConfig
+
+    run = HealConfig
     heal = _command(sub, "heal", cmd_heal, help="local block-wise healing of a converted model, then optional KD")
     heal.add_argument("student", help="checkpoint directory written by 'recursify convert'")
     heal.add_argument("--teacher", help="the original model, run with loops=1 (default: the model the student was converted from)")
     heal.add_argument("--calib", required=True, help="data: its train split trains, its held-out split evaluates (file, dir, teacher:N)")
-    heal.add_argument("--calib-tokens", type=_count, default=16_384, help="training tokens; all depths' states are kept (default: 16384)")
+    heal.add_argument("--calib-tokens", type=_count, default=run.calib_tokens, help="training tokens; all depths' states are kept")
     heal.add_argument("--minutes", type=float, required=True, help="CPU-minutes of local reconstruction, 0 = skip (process time)")
-    heal.add_argument("--kd-minutes", type=float, default=0.0, help="CPU-minutes of end-to-end KD afterwards (default: 0 = none)")
-    heal.add_argument("--seq-len", type=_positive_int, default=128, help="tokens per row (default: 128)")
-    heal.add_argument("--micro-batch", type=_positive_int, default=4, help="rows per step (default: 4)")
-    heal.add_argument("--lr", type=float, default=5e-4, help="peak learning rate of the local phase (default: 5e-4)")
-    heal.add_argument("--kd-lr", type=float, default=5e-4, help="peak learning rate of the KD phase (default: 5e-4)")
-    heal.add_argument("--kd-batch-tokens", type=_count, default=1024, help="tokens per KD optimizer step (default: 1024)")
-    heal.add_argument("--eval-tokens", type=_count_or_zero, default=4096, help="held-out tokens for KL/ppl, 0 = none (default: 4096)")
+    heal.add_argument("--kd-minutes", type=float, default=run.kd_minutes, help="CPU-minutes of end-to-end KD afterwards, 0 = none")
+    heal.add_argument("--seq-len", type=_positive_int, default=run.seq_len, help="tokens per row")
+    heal.add_argument("--micro-batch", type=_positive_int, default=run.micro_batch, help="rows per step")
+    heal.add_argument("--lr", type=float, default=run.lr, help="peak learning rate of the local phase")
+    heal.add_argument("--kd-lr", type=float, default=run.kd_lr, help="peak learning rate of the KD phase")
+    heal.add_argument("--kd-batch-tokens", type=_count, default=run.kd_batch_tokens, help="tokens per KD optimizer step")
+    heal.add_argument("--eval-tokens", type=_count_or_zero, default=run.eval_tokens, help="held-out tokens for KL/ppl, 0 = none")
     heal.add_argument(
-        "--eval-every-minutes", type=float, default=0.0, help="also evaluate every N CPU-minutes of local phase (default: no)"
+        "--eval-every-minutes", type=float, default=run.eval_every_minutes, help="also evaluate every N CPU-minutes of local phase, 0 = no"
     )
-    heal.add_argument(
-        "--precision", choices=("auto", "bf16", "fp32"), default="auto", help="auto = bf16 where the hardware has it, else fp32"
-    )
-    heal.add_argument("--seed", type=int, default=0, help="data order (default: 0)")
+    _add_training_precision(heal, run.precision)
+    heal.add_argument("--seed", type=int, default=run.seed, help="data order")
     heal.add_argument("--out", required=True, help="output checkpoint directory (+ heal.jsonl, heal_report.json)")
     heal.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     heal.add_argument("--quiet", action="store_true", help="no progress bars")

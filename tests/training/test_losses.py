@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from recursify.errors import ConfigError
-from recursify.training.losses import KD_KINDS, LossConfig, exit_loss_weights, kd_divergence, next_token_ce, uptrain_loss
+from recursify.training.config import KD_KINDS, LossConfig
+from recursify.training.losses import exit_loss_weights, kd_divergence, next_token_ce, uptrain_loss
 
 
 def _logits(seed: int, shape=(2, 5, 11)) -> torch.Tensor:

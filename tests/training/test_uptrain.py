@@ -18,8 +18,7 @@ from recursify import load
 from recursify.errors import ConfigError, TrainingError
 from recursify.training.budget import budget_lr_factor
 from recursify.training.checkpointing import latest_checkpoint
-from recursify.training.config import UptrainConfig
-from recursify.training.losses import LossConfig
+from recursify.training.config import LossConfig, UptrainConfig
 from recursify.training.metrics import read_metrics
 from recursify.training.params import apply_freeze, enable_gradient_checkpointing
 from recursify.training.uptrain import uptrain

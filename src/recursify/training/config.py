@@ -1,17 +1,72 @@
-"""UptrainConfig: every option of an uptraining run, validated before anything heavy is loaded."""
+"""Training options: uptraining (UptrainConfig, LossConfig) and healing (HealConfig), validated before anything heavy loads.
+
+Kept free of torch, like ``recursify.config``, so the CLI states and checks these options without importing it.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from recursify.config import PRECISIONS
 from recursify.errors import ConfigError
-from recursify.training.losses import LossConfig
+
+KD_KINDS: tuple[str, ...] = ("forward-kl", "reverse-kl", "jsd", "tvd")
 
 # Options that may differ between a run and its --resume without changing the result.
 OPERATIONAL_FIELDS = ("resume", "overwrite", "quiet", "save_every", "eval_every", "eval_tokens")
+
+
+def parse_exit_loss(spec: str) -> tuple[str, float]:
+    """``"none"`` | ``"weighted"`` | ``"aggressive:C"`` -> (mode, C); C is 0 unless aggressive."""
+    mode, _, value = spec.partition(":")
+    if mode in ("none", "weighted") and not value:
+        return mode, 0.0
+    if mode == "aggressive":
+        try:
+            coefficient = float(value)
+        except ValueError:
+            coefficient = -1.0
+        if coefficient >= 0 and math.isfinite(coefficient):
+            return mode, coefficient
+    raise ConfigError(f"unknown exit loss {spec!r}; use none, weighted or aggressive:C with C >= 0 (e.g. aggressive:0.1)")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """How the per-exit losses are built and mixed.
+
+    Attributes:
+        kd: divergence used against the teacher (one of KD_KINDS).
+        kd_weight: w in (1 - w) * CE + w * KD; 0 trains on CE only (no teacher needed).
+        temperature: softmax temperature of every KD term.
+        exit_loss: how exits are weighted (see ``exit_loss_weights``).
+        self_distill: earlier exits also learn KD from the detached last-exit distribution.
+    """
+
+    kd: str = "forward-kl"
+    kd_weight: float = 1.0
+    temperature: float = 1.0
+    exit_loss: str = "none"
+    self_distill: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kd not in KD_KINDS:
+            raise ConfigError(f"unknown KD loss {self.kd!r}; choose one of: {', '.join(KD_KINDS)}")
+        if not 0.0 <= self.kd_weight <= 1.0:
+            raise ConfigError(f"--kd-weight must be in [0, 1], got {self.kd_weight}")
+        if self.temperature <= 0:
+            raise ConfigError(f"--temperature must be positive, got {self.temperature}")
+        mode, _ = parse_exit_loss(self.exit_loss)
+        if self.self_distill and mode == "none":
+            raise ConfigError("--self-distill trains earlier exits: pick --exit-loss weighted or aggressive:C as well")
+
+    @property
+    def needs_exits(self) -> bool:
+        """Whether the loss looks at exits before the last one."""
+        return parse_exit_loss(self.exit_loss)[0] != "none"
 
 
 @dataclass
@@ -126,3 +181,73 @@ def _jsonish(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _jsonish(v) for k, v in value.items()}
     return value
+
+
+@dataclass
+class HealConfig:
+    """A healing run.
+
+    Attributes:
+        student: checkpoint directory written by ``recursify convert``.
+        out: output checkpoint directory (the healed model, ``heal.jsonl``; after KD also uptrain's files).
+        teacher: the original model (any ``--model`` source or checkpoint, run with loops=1);
+            None = the model the student was converted from.
+        calib: data spec whose train split feeds both phases and whose held-out split evaluates.
+        calib_tokens: training tokens read from ``calib`` (the local phase keeps the teacher's
+            residual stream at every depth for all of them: (L + 1) x hidden x 4 bytes per token).
+        minutes: CPU-minutes of local reconstruction, teacher capture included (0 = skip it).
+        kd_minutes: CPU-minutes of end-to-end KD afterwards (0 = none).
+        seq_len: tokens per packed row, in both phases and in evaluation.
+        micro_batch: rows per local step (and per KD forward).
+        lr, kd_lr: peak AdamW learning rates of the two phases (warmup, then cosine over the budget).
+        kd_batch_tokens: tokens per KD optimizer step.
+        min_lr_ratio: cosine floor as a fraction of the peak rate.
+        eval_tokens: held-out tokens for KL / perplexity / objective before and after each phase (0 = none).
+        eval_every_minutes: also evaluate after every this many CPU-minutes of the local phase (0 = no).
+        kd_eval_every: also evaluate every this many KD steps (0 = no; uptrain's ``eval_every``).
+        precision: "auto", "bf16" or "fp32", as in uptraining.
+        seed: data order.
+        overwrite: replace ``out`` if it exists.
+        quiet: no progress bars.
+    """
+
+    student: str
+    out: str
+    calib: str
+    teacher: str | None = None
+    calib_tokens: int = 16_384
+    minutes: float = 5.0
+    kd_minutes: float = 0.0
+    seq_len: int = 128
+    micro_batch: int = 4
+    lr: float = 5e-4
+    kd_lr: float = 5e-4
+    kd_batch_tokens: int = 1024
+    min_lr_ratio: float = 0.1
+    eval_tokens: int = 4096
+    eval_every_minutes: float = 0.0
+    kd_eval_every: int = 0
+    precision: str = "auto"
+    seed: int = 0
+    overwrite: bool = False
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("minutes", "kd_minutes", "eval_every_minutes", "eval_tokens", "kd_eval_every"):
+            value = getattr(self, name)
+            if not value >= 0:  # also refuses NaN
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+        if self.minutes + self.kd_minutes <= 0:
+            raise ConfigError("nothing to do: give --minutes and/or --kd-minutes a positive CPU-minute budget")
+        for name in ("calib_tokens", "micro_batch", "kd_batch_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.seq_len < 2:
+            raise ConfigError(f"--seq-len must be at least 2, got {self.seq_len}")
+        for name in ("lr", "kd_lr"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.precision not in ("auto", *PRECISIONS):
+            raise ConfigError(f"unknown precision {self.precision!r}; choose one of: auto, {', '.join(PRECISIONS)}")

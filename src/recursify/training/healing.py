@@ -25,7 +25,6 @@ from typing import Any
 import torch
 
 from recursify.checkpoint import check_writable, is_checkpoint
-from recursify.config import PRECISIONS
 from recursify.data import load_tokens, pack
 from recursify.errors import CheckpointError, ConfigError, DataError
 from recursify.loading import load
@@ -43,7 +42,7 @@ from recursify.training.common import (
     open_teacher,
     resolve_precision,
 )
-from recursify.training.config import UptrainConfig
+from recursify.training.config import HealConfig, UptrainConfig
 from recursify.training.metrics import MetricsLog
 from recursify.training.schedule import batch_rows
 
@@ -52,76 +51,6 @@ WARMUP_FRACTION = 0.05
 # A token whose layer update is tiny must not dominate: its denominator is floored at this share
 # of the mean update energy of its depth.
 UPDATE_FLOOR = 1e-3
-
-
-@dataclass
-class HealConfig:
-    """A healing run.
-
-    Attributes:
-        student: checkpoint directory written by ``recursify convert``.
-        out: output checkpoint directory (the healed model, ``heal.jsonl``; after KD also uptrain's files).
-        teacher: the original model (any ``--model`` source or checkpoint, run with loops=1);
-            None = the model the student was converted from.
-        calib: data spec whose train split feeds both phases and whose held-out split evaluates.
-        calib_tokens: training tokens read from ``calib`` (the local phase keeps the teacher's
-            residual stream at every depth for all of them: (L + 1) x hidden x 4 bytes per token).
-        minutes: CPU-minutes of local reconstruction, teacher capture included (0 = skip it).
-        kd_minutes: CPU-minutes of end-to-end KD afterwards (0 = none).
-        seq_len: tokens per packed row, in both phases and in evaluation.
-        micro_batch: rows per local step (and per KD forward).
-        lr, kd_lr: peak AdamW learning rates of the two phases (warmup, then cosine over the budget).
-        kd_batch_tokens: tokens per KD optimizer step.
-        min_lr_ratio: cosine floor as a fraction of the peak rate.
-        eval_tokens: held-out tokens for KL / perplexity / objective before and after each phase (0 = none).
-        eval_every_minutes: also evaluate after every this many CPU-minutes of the local phase (0 = no).
-        kd_eval_every: also evaluate every this many KD steps (0 = no; uptrain's ``eval_every``).
-        precision: "auto", "bf16" or "fp32", as in uptraining.
-        seed: data order.
-        overwrite: replace ``out`` if it exists.
-        quiet: no progress bars.
-    """
-
-    student: str
-    out: str
-    calib: str
-    teacher: str | None = None
-    calib_tokens: int = 16_384
-    minutes: float = 5.0
-    kd_minutes: float = 0.0
-    seq_len: int = 128
-    micro_batch: int = 4
-    lr: float = 5e-4
-    kd_lr: float = 5e-4
-    kd_batch_tokens: int = 1024
-    min_lr_ratio: float = 0.1
-    eval_tokens: int = 4096
-    eval_every_minutes: float = 0.0
-    kd_eval_every: int = 0
-    precision: str = "auto"
-    seed: int = 0
-    overwrite: bool = False
-    quiet: bool = False
-
-    def __post_init__(self) -> None:
-        for name in ("minutes", "kd_minutes", "eval_every_minutes", "eval_tokens", "kd_eval_every"):
-            value = getattr(self, name)
-            if not value >= 0:  # also refuses NaN
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
-        if self.minutes + self.kd_minutes <= 0:
-            raise ConfigError("nothing to do: give --minutes and/or --kd-minutes a positive CPU-minute budget")
-        for name in ("calib_tokens", "micro_batch", "kd_batch_tokens"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.seq_len < 2:
-            raise ConfigError(f"--seq-len must be at least 2, got {self.seq_len}")
-        for name in ("lr", "kd_lr"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ConfigError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.precision not in ("auto", *PRECISIONS):
-            raise ConfigError(f"unknown precision {self.precision!r}; choose one of: auto, {', '.join(PRECISIONS)}")
 
 
 @dataclass

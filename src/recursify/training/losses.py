@@ -7,14 +7,13 @@ equal shape can be averaged); computations run in float32 whatever the autocast 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from recursify.errors import ConfigError
+from recursify.training.config import KD_KINDS, LossConfig, parse_exit_loss
 
-KD_KINDS = ("forward-kl", "reverse-kl", "jsd", "tvd")
 EXIT_LOSSES = ("none", "weighted", "aggressive:C")
 
 
@@ -51,21 +50,6 @@ def kd_divergence(
     return per_position.mean() * temperature**2
 
 
-def parse_exit_loss(spec: str) -> tuple[str, float]:
-    """``"none"`` | ``"weighted"`` | ``"aggressive:C"`` -> (mode, C); C is 0 unless aggressive."""
-    mode, _, value = spec.partition(":")
-    if mode in ("none", "weighted") and not value:
-        return mode, 0.0
-    if mode == "aggressive":
-        try:
-            coefficient = float(value)
-        except ValueError:
-            coefficient = -1.0
-        if coefficient >= 0 and math.isfinite(coefficient):
-            return mode, coefficient
-    raise ConfigError(f"unknown exit loss {spec!r}; use none, weighted or aggressive:C with C >= 0 (e.g. aggressive:0.1)")
-
-
 def exit_loss_weights(spec: str, num_exits: int) -> list[float]:
     """Weight of each exit b = 1..B in the training loss (METHOD.md section 5).
 
@@ -80,41 +64,6 @@ def exit_loss_weights(spec: str, num_exits: int) -> list[float]:
         return [b / total for b in range(1, num_exits + 1)]
     early = coefficient if mode == "aggressive" else 0.0
     return [early] * (num_exits - 1) + [1.0]
-
-
-@dataclass(frozen=True)
-class LossConfig:
-    """How the per-exit losses are built and mixed.
-
-    Attributes:
-        kd: divergence used against the teacher (one of KD_KINDS).
-        kd_weight: w in (1 - w) * CE + w * KD; 0 trains on CE only (no teacher needed).
-        temperature: softmax temperature of every KD term.
-        exit_loss: how exits are weighted (see ``exit_loss_weights``).
-        self_distill: earlier exits also learn KD from the detached last-exit distribution.
-    """
-
-    kd: str = "forward-kl"
-    kd_weight: float = 1.0
-    temperature: float = 1.0
-    exit_loss: str = "none"
-    self_distill: bool = False
-
-    def __post_init__(self) -> None:
-        if self.kd not in KD_KINDS:
-            raise ConfigError(f"unknown KD loss {self.kd!r}; choose one of: {', '.join(KD_KINDS)}")
-        if not 0.0 <= self.kd_weight <= 1.0:
-            raise ConfigError(f"--kd-weight must be in [0, 1], got {self.kd_weight}")
-        if self.temperature <= 0:
-            raise ConfigError(f"--temperature must be positive, got {self.temperature}")
-        mode, _ = parse_exit_loss(self.exit_loss)
-        if self.self_distill and mode == "none":
-            raise ConfigError("--self-distill trains earlier exits: pick --exit-loss weighted or aggressive:C as well")
-
-    @property
-    def needs_exits(self) -> bool:
-        """Whether the loss looks at exits before the last one."""
-        return parse_exit_loss(self.exit_loss)[0] != "none"
 
 
 def uptrain_loss(
