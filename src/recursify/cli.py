@@ -472,6 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_commands(sub)
     _add_serving_commands(sub)
     _add_demo_command(sub)
+    _add_plan_train_command(sub)
     return parser
 
 
@@ -602,6 +603,47 @@ def _add_demo_command(sub: Any) -> None:
     demo.add_argument("--seed", type=int, default=0, help="data and sampling seed (default: 0)")
     demo.add_argument("--fresh", action="store_true", help="discard an earlier run in --out and start over")
     demo.set_defaults(func=cmd_demo)
+
+
+def cmd_plan_train(args: argparse.Namespace) -> None:
+    """Plan uptraining on GPUs from the architecture alone (no weights read): parameters, memory per GPU,
+    the largest micro-batch, gradient accumulation to ~2M-token batches, tokens/s at --mfu and wall time.
+    """
+    from recursify.planning import TrainPlanConfig, format_plan, plan_training
+
+    fields = ("rank", "gpus", "gpu_mem", "seq_len", "mfu", "sharding", "gpu_flops", "batch_tokens")
+    plan = plan_training(TrainPlanConfig(args.model, args.loops, **{name: getattr(args, name) for name in fields}))
+    if args.json != "-":
+        print(format_plan(plan))
+    _write_report(args.json, plan.to_dict())
+
+
+def _add_plan_train_command(sub: Any) -> None:
+    from recursify.planning import BUILTIN_ARCHITECTURES, PAPER_BATCH_TOKENS, SHARDINGS, parse_bytes
+
+    def memory(value: str) -> int:
+        try:
+            return parse_bytes(value)
+        except RecursifyError as err:
+            raise argparse.ArgumentTypeError(str(err)) from err
+
+    plan = sub.add_parser("plan-train", help="memory, batch and time plan for uptraining on GPUs", description=cmd_plan_train.__doc__)
+    plan.add_argument(
+        "--model", required=True, help=f"built-in ({', '.join(BUILTIN_ARCHITECTURES)}), a config.json or its directory, or a hub id"
+    )
+    plan.add_argument("--loops", type=_positive_int, required=True, help="B: loops of the student")
+    plan.add_argument("--rank", type=_rank, default=0, help="per-depth LoRA rank, or 'full' (default: 0)")
+    plan.add_argument("--gpus", type=_positive_int, default=8, help="GPUs (default: 8)")
+    plan.add_argument("--gpu-mem", type=memory, default=80 * 2**30, help="memory per GPU, e.g. 80G (binary units; default: 80G)")
+    plan.add_argument("--seq-len", type=_positive_int, default=2048, help="tokens per sequence (default: 2048)")
+    plan.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation to assume (default: 0.4)")
+    plan.add_argument("--sharding", choices=SHARDINGS, default="fsdp", help="how model states are split (default: fsdp)")
+    plan.add_argument("--gpu-flops", type=float, default=989e12, help="peak bf16 FLOP/s per GPU (default: 989e12, H100 SXM dense)")
+    plan.add_argument(
+        "--batch-tokens", type=_count, default=PAPER_BATCH_TOKENS, help="tokens per optimizer step to reach (default: 2097152)"
+    )
+    plan.add_argument("--json", metavar="OUT", help="also write the plan as JSON to OUT ('-' = stdout instead of the table)")
+    plan.set_defaults(func=cmd_plan_train)
 
 
 def _version() -> str:
