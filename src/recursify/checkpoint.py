@@ -8,8 +8,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from recursify.config import ArchConfig, RecursionConfig
 from recursify.errors import CheckpointError, RecursifyError
+from recursify.files import staged_directory
 from recursify.modeling.model import RecursiveModel, SourceInfo
 
 FORMAT = "recursify"
@@ -51,9 +50,7 @@ def check_writable(directory: str | os.PathLike[str], overwrite: bool) -> Path:
 def save_pretrained(model: RecursiveModel, directory: str | os.PathLike[str], overwrite: bool = False) -> None:
     """Write the model to ``directory`` atomically: a sibling temp dir renamed into place."""
     path = check_writable(directory, overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with staged_directory(path) as staging:
         config = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -68,20 +65,6 @@ def save_pretrained(model: RecursiveModel, directory: str | os.PathLike[str], ov
         save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
         if model.tokenizer is not None:
             model.tokenizer.save_pretrained(str(staging))
-        _swap_into_place(staging, path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-def _swap_into_place(staging: Path, path: Path) -> None:
-    if not path.exists():
-        staging.rename(path)
-        return
-    retired = path.with_name(f".{path.name}.old-{os.getpid()}")
-    path.rename(retired)
-    staging.rename(path)
-    shutil.rmtree(retired, ignore_errors=True)
 
 
 def read_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
