@@ -473,6 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serving_commands(sub)
     _add_demo_command(sub)
     _add_plan_train_command(sub)
+    _add_export_command(sub)
     return parser
 
 
@@ -644,6 +645,27 @@ def _add_plan_train_command(sub: Any) -> None:
     )
     plan.add_argument("--json", metavar="OUT", help="also write the plan as JSON to OUT ('-' = stdout instead of the table)")
     plan.set_defaults(func=cmd_plan_train)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    """Export a recursify checkpoint for another ecosystem. transformers: a directory AutoModelForCausalLM opens with
+    trust_remote_code=True (generate, lm-eval's hf model, engines' Transformers backends); it needs recursify installed.
+    """
+    from recursify.export import export_transformers
+
+    out = export_transformers(args.checkpoint, args.out, overwrite=args.overwrite)
+    print(f"wrote {out}: AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)")
+
+
+def _add_export_command(sub: Any) -> None:
+    from recursify.export import FORMATS
+
+    export = sub.add_parser("export", help="export a checkpoint to another format (transformers)", description=cmd_export.__doc__)
+    export.add_argument("checkpoint", help="checkpoint directory written by 'recursify convert' or 'uptrain'")
+    export.add_argument("--format", choices=FORMATS, default="transformers", help="output format (default: transformers)")
+    export.add_argument("--out", required=True, help="output directory")
+    export.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    export.set_defaults(func=cmd_export)
 
 
 def _version() -> str:
