@@ -38,25 +38,25 @@ def exports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, P
     return paths
 
 
-def _open(path: Path) -> Any:
-    return transformers.AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=True).eval()
+def _open(path: Path, device: torch.device | str = "cpu") -> Any:
+    return transformers.AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=True).to(device).eval()
 
 
-def _prompts(batch: int = 3, length: int = 9, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def _prompts(batch: int = 3, length: int = 9, seed: int = 0, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded prompts of different lengths (pad id 0) and their attention mask."""
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(4, 97, (batch, length), generator=generator)
     mask = torch.ones_like(ids)
     for row in range(1, batch):
         mask[row, : 2 * row] = 0
-    return ids.masked_fill(mask == 0, 0), mask
+    return ids.masked_fill(mask == 0, 0).to(device), mask.to(device)
 
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
-def test_logits_equal_recursifys(exports, name: str) -> None:
+def test_logits_equal_recursifys(exports, name: str, device: torch.device) -> None:
     checkpoint, exported = exports[name]
-    ours, theirs = load(checkpoint), _open(exported)
-    ids, mask = _prompts()
+    ours, theirs = load(checkpoint, device=device), _open(exported, device)
+    ids, mask = _prompts(device=device)
     with torch.no_grad():
         expected = ours(ids, attention_mask=mask).logits
         got = theirs(input_ids=ids, attention_mask=mask).logits
@@ -64,10 +64,10 @@ def test_logits_equal_recursifys(exports, name: str) -> None:
 
 
 @pytest.mark.parametrize("name", ["llama-l3-r4", "gemma2-l3-r0", "mistral-l2-loraxs"])
-def test_generate_with_its_cache_equals_recursifys_generate(exports, name: str) -> None:
+def test_generate_with_its_cache_equals_recursifys_generate(exports, name: str, device: torch.device) -> None:
     checkpoint, exported = exports[name]
-    ours, theirs = load(checkpoint), _open(exported)
-    ids, mask = _prompts()
+    ours, theirs = load(checkpoint, device=device), _open(exported, device)
+    ids, mask = _prompts(device=device)
     expected = ours.generate(ids, attention_mask=mask, max_new_tokens=20, eos_token_ids=[])
     calls: list[tuple[int, Any]] = []
     forward = theirs.forward
@@ -85,7 +85,9 @@ def test_generate_with_its_cache_equals_recursifys_generate(exports, name: str) 
     cache = calls[-1][1]
     assert type(cache).__name__ == "RecursifyCache" and all(c is cache for _, c in calls)
     assert cache.length == ids.shape[1] + 19 and cache.keys.shape[0] == ours.num_depths
-    uncached = _open(exported).generate(ids, attention_mask=mask, max_new_tokens=20, min_new_tokens=20, do_sample=False, use_cache=False)
+    uncached = _open(exported, device).generate(
+        ids, attention_mask=mask, max_new_tokens=20, min_new_tokens=20, do_sample=False, use_cache=False
+    )
     assert torch.equal(uncached, expected)
 
 
