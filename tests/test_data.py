@@ -129,3 +129,84 @@ def test_teacher_corpus_is_cached_deterministic_and_split(teacher, tmp_path, mon
     monkeypatch.setenv("RECURSIFY_CACHE", str(tmp_path / "other-cache"))
     assert list(read_documents("teacher:64", "train", seed=5, teacher=teacher)) == train  # regenerated identically
     assert list(read_documents("teacher:64", "train", seed=6, teacher=teacher)) != train
+
+
+def _write_jsonl(path, docs: list[str]) -> str:
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return str(path)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 5])
+def test_process_shares_are_disjoint_and_cover_the_split(tmp_path, world_size: int) -> None:
+    docs = _random_docs(300, seed=4)
+    spec = _write_jsonl(tmp_path / "c.jsonl", docs)
+    for split in ("train", "heldout"):
+        whole = list(read_documents(spec, split, seed=7))
+        shares = [list(read_documents(spec, split, seed=7, rank=r, world_size=world_size)) for r in range(world_size)]
+        assert sorted(d for share in shares for d in share) == sorted(whole)  # every document once: no overlap, no loss
+        assert max(map(len, shares)) - min(map(len, shares)) <= 1
+    heldout_shares = [set(read_documents(spec, "heldout", rank=r, world_size=world_size)) for r in range(world_size)]
+    assert set().union(*heldout_shares) == {d for d in docs if is_heldout(d)}  # the held-out split ignores the process count
+    for rank in range(world_size):
+        assert not any(is_heldout(d) for d in read_documents(spec, "train", seed=7, rank=rank, world_size=world_size))
+
+
+def test_bad_process_rank_is_refused_before_reading(tmp_path) -> None:
+    spec = _write_jsonl(tmp_path / "c.jsonl", _random_docs(10))
+    for rank, world_size in ((2, 2), (-1, 2), (0, 0)):
+        with pytest.raises(ConfigError, match="rank"):
+            read_documents(spec, rank=rank, world_size=world_size)
+        with pytest.raises(ConfigError, match="rank"):
+            data.stream_rows(spec, tiny_tokenizer(), 8, rank=rank, world_size=world_size)
+
+
+def test_stream_rows_packs_like_pack_load_tokens(tmp_path) -> None:
+    docs = _random_docs(200, seed=2)
+    spec = _write_jsonl(tmp_path / "c.jsonl", docs)
+    tokenizer = tiny_tokenizer()
+    rows = torch.stack(list(data.stream_rows(spec, tokenizer, 13, "train", seed=3)))
+    assert torch.equal(rows, pack(load_tokens(spec, tokenizer, "train", seed=3), 13))
+    # Three processes: each packs its own documents; together they hold every document's tokens once.
+    token_count = 0
+    for rank in range(3):
+        share = load_tokens(spec, tokenizer, "train", seed=3, rank=rank, world_size=3)
+        share_rows = list(data.stream_rows(spec, tokenizer, 13, "train", seed=3, rank=rank, world_size=3))
+        assert torch.equal(torch.stack(share_rows), pack(share, 13))
+        token_count += share.numel()
+    assert token_count == load_tokens(spec, tokenizer, "train", seed=3).numel()
+    with pytest.raises(DataError, match="share of 400"):
+        next(data.stream_rows(spec, tokenizer, 13, "heldout", rank=399, world_size=400))
+
+
+def test_teacher_corpus_shares(teacher, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("RECURSIFY_CACHE", str(tmp_path / "cache"))
+    whole = list(read_documents("teacher:64", "train", seed=1, teacher=teacher))
+    shares = [list(read_documents("teacher:64", "train", seed=1, teacher=teacher, rank=r, world_size=2)) for r in range(2)]
+    assert sorted(shares[0] + shares[1]) == sorted(whole) and shares[0] and shares[1]
+
+
+def test_streamed_parquet_dataset_is_split_across_processes(tmp_path, monkeypatch) -> None:
+    """``hf:DIR`` streams a parquet dataset through ``datasets`` (the hub code path, offline), split by process."""
+    datasets = pytest.importorskip("datasets")
+    # datasets sleeps 5 s after each fully read shuffled parquet stream (a guard against an arrow crash at interpreter
+    # shutdown); a training run reads its stream once, this test reads it 19 times.
+    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0)
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    docs = _random_docs(240, seed=9)
+    files = {}
+    for shard in range(4):  # 4 shards: 2 and 4 processes get whole files, 3 processes every 3rd document
+        part = docs[shard * 60 : (shard + 1) * 60]
+        pq.write_table(pa.table({"text": part}), tmp_path / f"part-{shard}.parquet")
+        files.update(dict.fromkeys(part, shard))
+    spec = f"hf:{tmp_path}"
+    train = sorted(d for d in docs if not is_heldout(d))
+    assert sorted(read_documents(spec, "train", seed=5)) == train
+    for world_size in (2, 3, 4):
+        shares = [list(read_documents(spec, "train", seed=5, rank=r, world_size=world_size)) for r in range(world_size)]
+        assert sorted(d for share in shares for d in share) == train
+        heldout = [d for r in range(world_size) for d in read_documents(spec, "heldout", seed=5, rank=r, world_size=world_size)]
+        assert sorted(heldout) == sorted(d for d in docs if is_heldout(d))
+        if world_size in (2, 4):  # split by shards: a process reads whole files, never another's
+            assert all(len({files[d] for d in share}) == 4 // world_size for share in shares)

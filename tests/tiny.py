@@ -98,3 +98,17 @@ def save_tiny_checkpoint(directory: Any, family: str = "llama", seed: int = 0) -
     model.save_pretrained(directory)
     tiny_tokenizer().save_pretrained(directory)
     return model
+
+
+def device_under_test() -> torch.device:
+    """Where device-independent tests put their models and tensors: ``$RECURSIFY_TEST_DEVICE`` (default cpu), e.g. cuda.
+
+    scripts/gpu_check.sh sets it to run the parity, generation and export tests on a GPU; tests that
+    honour it take the ``device`` fixture (tests/conftest.py).
+    """
+    import os
+
+    device = torch.device(os.environ.get("RECURSIFY_TEST_DEVICE", "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("RECURSIFY_TEST_DEVICE=cuda but torch sees no CUDA device (is the CUDA build of torch installed?)")
+    return device

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from recursify.errors import CheckpointError
+from recursify.files import staged_directory
 
 FORMAT = "recursify"
 FORMAT_VERSION = 1
@@ -57,28 +56,12 @@ def write_checkpoint(
     write leaves the previous checkpoint (or none), never a half-written one.
     """
     path = check_writable(directory, overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with staged_directory(path) as staging:
         stamped = {"format": FORMAT, "format_version": FORMAT_VERSION, **config}
         (staging / CONFIG_FILE).write_text(json.dumps(stamped, indent=2, default=str))
         save_file({name: t.detach().contiguous() for name, t in tensors.items()}, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(str(staging))
-        _swap_into_place(staging, path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-def _swap_into_place(staging: Path, path: Path) -> None:
-    if not path.exists():
-        staging.rename(path)
-        return
-    retired = path.with_name(f".{path.name}.old-{os.getpid()}")
-    path.rename(retired)
-    staging.rename(path)
-    shutil.rmtree(retired, ignore_errors=True)
 
 
 def read_config(directory: str | os.PathLike[str]) -> dict[str, Any]:

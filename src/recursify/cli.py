@@ -445,6 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_commands(sub)
     _add_serving_commands(sub)
     _add_demo_command(sub)
+    _add_plan_train_command(sub)
+    _add_export_command(sub)
     return parser
 
 
@@ -560,6 +562,66 @@ def _add_demo_command(sub: Any) -> None:
     )
     demo.add_argument("--seed", type=int, default=0, help="data and sampling seed")
     demo.add_argument("--fresh", action="store_true", help="discard an earlier run in --out and start over")
+
+
+def cmd_plan_train(args: argparse.Namespace) -> None:
+    """Plan uptraining on GPUs from the architecture alone (no weights read): parameters, memory per GPU,
+    the largest micro-batch, gradient accumulation to ~2M-token batches, tokens/s at --mfu and wall time.
+    """
+    from recursify.planning import TrainPlanConfig, format_plan, plan_training
+
+    fields = ("rank", "gpus", "gpu_mem", "seq_len", "mfu", "sharding", "gpu_flops", "batch_tokens")
+    plan = plan_training(TrainPlanConfig(args.model, args.loops, **{name: getattr(args, name) for name in fields}))
+    if args.json != "-":
+        print(format_plan(plan))
+    _write_report(args.json, plan.to_dict())
+
+
+def _add_plan_train_command(sub: Any) -> None:
+    from recursify.planning import BUILTIN_ARCHITECTURES, SHARDINGS, TrainPlanConfig, parse_bytes
+
+    defaults = TrainPlanConfig
+
+    def memory(value: str) -> int:
+        try:
+            return parse_bytes(value)
+        except RecursifyError as err:
+            raise argparse.ArgumentTypeError(str(err)) from err
+
+    plan = _command(sub, "plan-train", cmd_plan_train, help="memory, batch and time plan for uptraining on GPUs")
+    plan.add_argument(
+        "--model", required=True, help=f"built-in ({', '.join(BUILTIN_ARCHITECTURES)}), a config.json or its directory, or a hub id"
+    )
+    plan.add_argument("--loops", type=_positive_int, required=True, help="B: loops of the student")
+    plan.add_argument("--rank", type=_rank, default=defaults.rank, help="per-depth LoRA rank, or 'full'")
+    plan.add_argument("--gpus", type=_positive_int, default=defaults.gpus, help="GPUs")
+    plan.add_argument("--gpu-mem", type=memory, default=defaults.gpu_mem, help="memory per GPU in bytes, e.g. 80G (binary units)")
+    plan.add_argument("--seq-len", type=_positive_int, default=defaults.seq_len, help="tokens per sequence")
+    plan.add_argument("--mfu", type=float, default=defaults.mfu, help="model FLOPs utilisation to assume")
+    plan.add_argument("--sharding", choices=SHARDINGS, default=defaults.sharding, help="how model states are split")
+    plan.add_argument("--gpu-flops", type=float, default=defaults.gpu_flops, help="peak bf16 FLOP/s per GPU (H100 SXM dense)")
+    plan.add_argument("--batch-tokens", type=_count, default=defaults.batch_tokens, help="tokens per optimizer step to reach")
+    plan.add_argument("--json", metavar="OUT", help="also write the plan as JSON to OUT ('-' = stdout instead of the table)")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    """Export a recursify checkpoint for another ecosystem. transformers: a directory AutoModelForCausalLM opens with
+    trust_remote_code=True (generate, lm-eval's hf model, engines' Transformers backends); it needs recursify installed.
+    """
+    from recursify.export import export_transformers
+
+    out = export_transformers(args.checkpoint, args.out, overwrite=args.overwrite)
+    print(f"wrote {out}: AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)")
+
+
+def _add_export_command(sub: Any) -> None:
+    from recursify.export import FORMATS
+
+    export = _command(sub, "export", cmd_export, help="export a checkpoint to another format (transformers)")
+    export.add_argument("checkpoint", help="checkpoint directory written by 'recursify convert' or 'uptrain'")
+    export.add_argument("--format", choices=FORMATS, default="transformers", help="output format")
+    export.add_argument("--out", required=True, help="output directory")
+    export.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
 
 def _version() -> str:

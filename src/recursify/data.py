@@ -19,11 +19,20 @@ generation of ceil(N / HELDOUT_BUCKETS) tokens, but at least min(N, MIN_HELDOUT_
 evaluation on it is not dominated by noise.
 
 Order: local documents of a split are shuffled by ``seed``; hub datasets use a seeded shuffle buffer.
+
+Processes: ``rank``/``world_size`` give process ``rank`` of ``world_size`` a disjoint share of a split's
+documents; the shares together are exactly the single-process split (data-parallel training reads its
+own share, streamed, with ``stream_rows``). Local and ``teacher:N`` documents are dealt round-robin from
+the seeded order; a hub dataset is split by ``datasets.distributed.split_dataset_by_node`` after its
+seeded shuffle (whole shards per process when the shard count is a multiple of ``world_size``, else
+every ``world_size``-th document). The held-out split is decided per document by its hash, so it is the
+same whatever the number of processes.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import random
@@ -116,7 +125,14 @@ def is_heldout(text: str) -> bool:
     return int.from_bytes(digest[:8], "little") % HELDOUT_BUCKETS == 0
 
 
-def read_documents(spec: str, split: str = "train", seed: int = 0, teacher: RecursiveModel | None = None) -> Iterator[str]:
+def read_documents(
+    spec: str,
+    split: str = "train",
+    seed: int = 0,
+    teacher: RecursiveModel | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Iterator[str]:
     """The documents (strings) of one split of a ``--data`` source, in a deterministic seeded order.
 
     Args:
@@ -124,24 +140,34 @@ def read_documents(spec: str, split: str = "train", seed: int = 0, teacher: Recu
         split: ``"train"`` or ``"heldout"``; the two never share a document.
         seed: order of local documents, shuffle buffer of hub datasets, sampling of ``teacher:N``.
         teacher: the model that samples ``teacher:N`` (its tokenizer decodes the samples).
+        rank, world_size: read only process ``rank``'s share of ``world_size`` disjoint shares
+            (see the module doc); the default is the whole split.
 
     Raises:
         DataError: the spec names nothing readable; raised here, before iteration starts.
+        ConfigError: ``rank`` is not in ``[0, world_size)``.
     """
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
+    check_shard(rank, world_size)
     if spec.startswith(TEACHER_PREFIX):
-        return iter(teacher_documents(teacher, _teacher_count(spec), split, seed))
+        return itertools.islice(teacher_documents(teacher, _teacher_count(spec), split, seed), rank, None, world_size)
     path = Path(spec).expanduser()
     if path.exists():
         files = _data_files(path)
-        return _local_documents(files, split, seed)
+        return itertools.islice(_local_documents(files, split, seed), rank, None, world_size)
     if spec.startswith(HUB_PREFIX) or (_HUB_ID.match(spec) and not spec.endswith(FILE_SUFFIXES)):
-        return _hub_documents(spec.removeprefix(HUB_PREFIX), split, seed)
+        return _hub_documents(spec.removeprefix(HUB_PREFIX), split, seed, rank, world_size)
     raise DataError(
         f"--data {spec!r} is not an existing file or directory, 'teacher:N' (e.g. teacher:2M) or a Hugging Face "
         "dataset ('hf:NAME[:CONFIG]' or 'owner/name'); check the path"
     )
+
+
+def check_shard(rank: int, world_size: int) -> None:
+    """Refuse a process index outside ``[0, world_size)``."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ConfigError(f"process rank {rank} of world size {world_size}: need world_size >= 1 and 0 <= rank < world_size")
 
 
 def load_tokens(
@@ -151,27 +177,91 @@ def load_tokens(
     max_tokens: int | None = None,
     seed: int = 0,
     teacher: RecursiveModel | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> torch.Tensor:
     """The split's documents tokenised with ``tokenizer`` and joined with EOS: 1-D int64.
 
     Each document is followed by the tokenizer's EOS token; the result is cut at ``max_tokens``
-    (documents are read only as far as needed).
+    (documents are read only as far as needed). ``rank``/``world_size``: this process's share only.
     """
     if max_tokens is not None and max_tokens < 1:
         raise ConfigError(f"max_tokens must be positive, got {max_tokens}")
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise DataError("the tokenizer has no EOS token to separate documents; use a model whose tokenizer defines one")
     ids: list[int] = []
-    for batch in _batches(read_documents(spec, split, seed, teacher), _TOKENIZE_BATCH):
-        for doc_ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
-            ids.extend(doc_ids)
-            ids.append(eos)
+    for doc_ids in _document_ids(read_documents(spec, split, seed, teacher, rank, world_size), tokenizer):
+        ids.extend(doc_ids)
         if max_tokens is not None and len(ids) >= max_tokens:
             break
     if not ids:
-        raise DataError(f"--data {spec!r} has no {split} documents; give more text (about 5% of documents are held out)")
+        raise DataError(
+            f"--data {spec!r} has no {split} documents{_share(rank, world_size)}; give more text (about 5% of documents are held out)"
+        )
     return torch.tensor(ids[:max_tokens], dtype=torch.long)
+
+
+def stream_rows(
+    spec: str,
+    tokenizer: Any,
+    seq_len: int,
+    split: str = "train",
+    seed: int = 0,
+    teacher: RecursiveModel | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Iterator[torch.Tensor]:
+    """Rows [seq_len] (int64) of process ``rank``'s share of a split, packed as it is read.
+
+    The packing is ``pack(load_tokens(...), seq_len)``'s (documents followed by EOS, joined, cut into
+    rows, the last partial row dropped) without holding the corpus: memory stays at one tokenised batch
+    of documents, so a streamed hub dataset of any size can feed training. With the defaults the rows
+    are exactly ``pack(load_tokens(spec, tokenizer, split, seed=seed, teacher=teacher), seq_len)``;
+    with ``world_size`` > 1 every process packs its own disjoint documents (rows never straddle two
+    processes' documents) and the processes' rows together hold every document once.
+
+    Raises:
+        DataError: the share holds no document (e.g. fewer documents or shards than processes).
+    """
+    if seq_len < 1:
+        raise ConfigError(f"seq_len must be positive, got {seq_len}")
+    documents = read_documents(spec, split, seed, teacher, rank, world_size)  # raises here, not at the first row
+    empty = f"--data {spec!r} has no {split} documents{_share(rank, world_size)}; give more text or use fewer processes"
+    return _packed_rows(_document_ids(documents, tokenizer), seq_len, empty)
+
+
+def _packed_rows(documents: Iterator[list[int]], seq_len: int, empty: str) -> Iterator[torch.Tensor]:
+    pending: list[int] = []
+    read_any = False
+    for doc_ids in documents:
+        read_any = True
+        pending.extend(doc_ids)
+        whole = len(pending) // seq_len * seq_len
+        for start in range(0, whole, seq_len):
+            yield torch.tensor(pending[start : start + seq_len], dtype=torch.long)
+        del pending[:whole]
+    if not read_any:
+        raise DataError(empty)
+
+
+def _document_ids(documents: Iterable[str], tokenizer: Any) -> Iterator[list[int]]:
+    """Each document's token ids followed by EOS, tokenised in batches (a missing EOS is refused at once)."""
+    return _tokenised(documents, tokenizer, _eos(tokenizer))
+
+
+def _tokenised(documents: Iterable[str], tokenizer: Any, eos: int) -> Iterator[list[int]]:
+    for batch in _batches(documents, _TOKENIZE_BATCH):
+        for doc_ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
+            yield [*doc_ids, eos]
+
+
+def _eos(tokenizer: Any) -> int:
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DataError("the tokenizer has no EOS token to separate documents; use a model whose tokenizer defines one")
+    return int(eos)
+
+
+def _share(rank: int, world_size: int) -> str:
+    return f" in process {rank}'s share of {world_size}" if world_size > 1 else ""
 
 
 def pack(tokens: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -378,7 +468,7 @@ def _parquet_documents(path: Path) -> Iterator[str]:
         yield from (text for text in batch.column(0).to_pylist() if text)
 
 
-def _hub_documents(name: str, split: str, seed: int) -> Iterator[str]:
+def _hub_documents(name: str, split: str, seed: int, rank: int = 0, world_size: int = 1) -> Iterator[str]:
     try:
         import datasets
     except ImportError as err:
@@ -388,7 +478,12 @@ def _hub_documents(name: str, split: str, seed: int) -> Iterator[str]:
         stream = datasets.load_dataset(dataset_name, config or None, split="train", streaming=True)
     except Exception as err:  # the hub raises many unrelated types (HTTP, FileNotFound, ValueError, ...)
         raise DataError(f"could not open Hugging Face dataset {name!r} ({err}); check the name and network access") from err
-    return _hub_texts(stream.shuffle(seed=seed, buffer_size=10_000), name, split)
+    stream = stream.shuffle(seed=seed, buffer_size=10_000)  # same seed on every process: the same shard order to split
+    if world_size > 1:
+        from datasets.distributed import split_dataset_by_node
+
+        stream = split_dataset_by_node(stream, rank=rank, world_size=world_size)
+    return _hub_texts(stream, name, split)
 
 
 def _hub_texts(stream: Iterable[dict[str, Any]], name: str, split: str) -> Iterator[str]:

@@ -6,9 +6,12 @@ POSIX and Windows, so an interrupted write leaves the previous file (or none) an
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +34,29 @@ def write_text(path: str | os.PathLike[str], text: str) -> Path:
 def write_json(path: str | os.PathLike[str], payload: Any) -> Path:
     """Write ``payload`` as indented JSON atomically."""
     return write_text(path, json.dumps(payload, indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def staged_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """A fresh sibling directory of ``path`` to fill; renamed into place on success, deleted on any failure.
+
+    An existing ``path`` is replaced only after the new one is complete (callers decide whether it may be).
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield staging
+        if target.exists():
+            retired = target.with_name(f".{target.name}.old-{os.getpid()}")
+            target.rename(retired)
+            staging.rename(target)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def save_figure(figure: Any, path: str | os.PathLike[str], dpi: int = 120) -> Path:

@@ -78,6 +78,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 def test_registered_under_recursify() -> None:
     assert get_model("recursify") is RecursifyLM
+    assert get_model("hf").__name__ == "HFLM"  # lm-eval's own types survive our registration (it fills an empty registry only)
 
 
 def test_multiple_choice_task_through_lm_evals_evaluator(setup: dict[str, Any]) -> None:

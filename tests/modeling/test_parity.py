@@ -2,7 +2,7 @@
 
 Every family's tiny config has all weights (norm gains included) randomised, and the sequences are
 longer than the sliding windows (Gemma2/3: 4, Mistral: 5), so windows, soft-caps, sandwich and q/k
-norms all have to be right for these to pass.
+norms all have to be right for these to pass. They run on ``$RECURSIFY_TEST_DEVICE`` (the ``device`` fixture).
 """
 
 from __future__ import annotations
@@ -25,21 +25,22 @@ PAD = 0
 
 
 @cache
-def _pair(family: str) -> tuple[Any, RecursiveModel]:
-    """The transformers reference (EOS disabled, so both sides decode a fixed length) and its conversion."""
+def _pair(family: str, device: torch.device) -> tuple[Any, RecursiveModel]:
+    """The transformers reference (EOS disabled, so both sides decode a fixed length) and its conversion, on ``device``."""
     hf = tiny_model(family, seed=1)
     hf.generation_config.eos_token_id = None
-    return hf, recursify.convert(hf, loops=1, progress=False)
+    ours = recursify.convert(hf, loops=1, progress=False)
+    return hf.to(device), ours.to(device)
 
 
-def _tokens(seed: int, batch: int, seq: int, vocab: int = 97) -> torch.Tensor:
-    return torch.randint(3, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+def _tokens(seed: int, batch: int, seq: int, device: torch.device, vocab: int = 97) -> torch.Tensor:
+    return torch.randint(3, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed)).to(device)
 
 
-def _left_padded(seed: int, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def _left_padded(seed: int, lengths: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Random prompts of the given lengths, left-padded to the longest: (input_ids, attention_mask)."""
     width = max(lengths)
-    ids = _tokens(seed, len(lengths), width)
+    ids = _tokens(seed, len(lengths), width, device)
     mask = torch.zeros_like(ids)
     for row, length in enumerate(lengths):
         mask[row, width - length :] = 1
@@ -58,9 +59,9 @@ def _hf_greedy(hf: Any, ids: torch.Tensor, mask: torch.Tensor, eos: int | None) 
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_logits_and_hidden_states_match_transformers(family: str) -> None:
-    hf, ours = _pair(family)
-    ids = _tokens(seed=11, batch=2, seq=12)
+def test_logits_and_hidden_states_match_transformers(family: str, device: torch.device) -> None:
+    hf, ours = _pair(family, device)
+    ids = _tokens(seed=11, batch=2, seq=12, device=device)
     with torch.no_grad():
         ref = hf(ids, output_hidden_states=True)
         out = ours(ids, output_hidden_states=True)
@@ -74,9 +75,9 @@ def test_logits_and_hidden_states_match_transformers(family: str) -> None:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_left_padded_batch_matches_transformers_at_real_tokens(family: str) -> None:
-    hf, ours = _pair(family)
-    ids, mask = _left_padded(seed=12, lengths=[12, 9, 5])
+def test_left_padded_batch_matches_transformers_at_real_tokens(family: str, device: torch.device) -> None:
+    hf, ours = _pair(family, device)
+    ids, mask = _left_padded(seed=12, lengths=[12, 9, 5], device=device)
     with torch.no_grad():
         ref = hf(ids, attention_mask=mask, position_ids=_hf_position_ids(mask)).logits
         out = ours(ids, attention_mask=mask).logits
@@ -87,9 +88,9 @@ def test_left_padded_batch_matches_transformers_at_real_tokens(family: str) -> N
 
 @pytest.mark.parametrize("use_cache", [True, False], ids=["cache", "no-cache"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_greedy_generation_matches_transformers(family: str, use_cache: bool) -> None:
-    hf, ours = _pair(family)
-    ids, mask = _left_padded(seed=13, lengths=[PROMPT_LEN, 6])
+def test_greedy_generation_matches_transformers(family: str, use_cache: bool, device: torch.device) -> None:
+    hf, ours = _pair(family, device)
+    ids, mask = _left_padded(seed=13, lengths=[PROMPT_LEN, 6], device=device)
     expected = _hf_greedy(hf, ids, mask, eos=None)
     got = ours.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, eos_token_ids=[], pad_token_id=PAD, use_cache=use_cache)
     assert expected.shape == (2, PROMPT_LEN + NEW_TOKENS)
@@ -97,9 +98,9 @@ def test_greedy_generation_matches_transformers(family: str, use_cache: bool) ->
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
-def test_generation_with_eos_pads_like_transformers(family: str) -> None:
-    hf, ours = _pair(family)
-    ids, mask = _left_padded(seed=14, lengths=[PROMPT_LEN, 7])
+def test_generation_with_eos_pads_like_transformers(family: str, device: torch.device) -> None:
+    hf, ours = _pair(family, device)
+    ids, mask = _left_padded(seed=14, lengths=[PROMPT_LEN, 7], device=device)
     free = _hf_greedy(hf, ids, mask, eos=None)
     eos = int(free[0, PROMPT_LEN + 2])  # row 0 stops after its third new token
     assert eos != PAD

@@ -1,12 +1,18 @@
-"""Two CPU processes (DDP over gloo, via accelerate launch) follow the single-process loss curve."""
+"""Two CPU processes (DDP over gloo, via accelerate launch) follow the single-process loss curve.
+
+They are launched from configs/cpu-2proc.yaml with ACCELERATE_USE_CPU=1: accelerate 1.x's
+``launch --cpu --num_processes 2`` starts a single process (tests/test_configs.py shows it), which
+would make this comparison vacuous; the saved training state records the world size to prove it.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -17,22 +23,16 @@ from recursify.training.uptrain import uptrain
 STEPS = 6
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_two_processes_match_one_process(tiny_run, tmp_path) -> None:
     launcher = shutil.which("accelerate", path=os.path.dirname(sys.executable))
     if launcher is None:
         pytest.fail("accelerate's launcher is not installed next to this interpreter")
     options = ["--tokens", str(STEPS * 128), "--seq-len", "16", "--batch-tokens", "128", "--micro-batch", "2", "--lr", "3e-3"]
     options += ["--precision", "fp32", "--save-every", "0", "--eval-tokens", "0", "--quiet", "--warmup-steps", "0"]
-    command = [launcher, "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
-    command += ["--dynamo_backend", "no", "--main_process_port", str(_free_port()), "-m", "recursify", "uptrain", str(tiny_run["student"])]
+    config = Path(__file__).resolve().parents[2] / "configs" / "cpu-2proc.yaml"
+    command = [launcher, "launch", "--config_file", str(config), "-m", "recursify", "uptrain", str(tiny_run["student"])]
     command += ["--teacher", str(tiny_run["source"]), "--data", str(tiny_run["data"]), *options, "--out", str(tmp_path / "ddp")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     single = UptrainConfig(
@@ -41,6 +41,8 @@ def test_two_processes_match_one_process(tiny_run, tmp_path) -> None:
     )  # fmt: skip
     uptrain(single)
     curves = [[r["loss"] for r in read_metrics(tmp_path / run / "metrics.jsonl") if r["event"] == "train"] for run in ("ddp", "single")]
+    [state] = (tmp_path / "ddp" / "training").glob("step-*/state.json")
+    assert json.loads(state.read_text())["world_size"] == 2
     assert len(curves[0]) == len(curves[1]) == STEPS
     assert curves[0] == pytest.approx(curves[1], rel=1e-4)
     assert curves[1][-1] < curves[1][0]  # it trains, so equal curves are not two flat lines

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import lm_eval.models  # noqa: F401  lm-eval fills its registry (hf, vllm, ...) only while empty: before ours, or they vanish
 import torch
 from lm_eval.api.instance import Instance
 from lm_eval.api.model import LM

@@ -63,14 +63,15 @@ def stream(
     if max_new_tokens < 0:
         raise ConfigError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     sampling = sampling or SamplingConfig()
-    eos = torch.tensor(model.arch.eos_token_ids if eos_token_ids is None else eos_token_ids, dtype=torch.long)
+    device = input_ids.device  # every step's tensors live with the inputs (a CPU EOS list or generator fails on CUDA)
+    eos = torch.tensor(model.arch.eos_token_ids if eos_token_ids is None else eos_token_ids, dtype=torch.long, device=device)
     pad = pad_token_id if pad_token_id is not None else model.arch.pad_token_id
     pad = pad if pad is not None else (int(eos[0]) if len(eos) else 0)
-    generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
+    generator = torch.Generator(device=device).manual_seed(sampling.seed) if sampling.seed is not None else None
     batch = input_ids.shape[0]
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    finished = torch.zeros(batch, dtype=torch.bool)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
     cache = model.new_cache(batch, input_ids.shape[1] + max_new_tokens) if use_cache else None
     tokens, mask, new_input = input_ids, attention_mask, input_ids
     with torch.no_grad():
