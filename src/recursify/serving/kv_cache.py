@@ -175,6 +175,7 @@ class AttentionGroup:
 
     rows: torch.Tensor | slice  # the group's query rows among all query rows (n items x t tokens, item-major)
     items: torch.Tensor  # (n,) the first query row of each item: where its depth and visit are read
+    tokens: int  # t, the query rows per item
     tables: torch.Tensor  # (n, width) KV blocks of each item, padded with block 0 (masked: beyond every query)
     masks: dict[str, torch.Tensor]  # layer type -> bool (n, 1, t, width * block_size)
 
@@ -214,7 +215,7 @@ def _group(
     width = math.ceil(max(chunk.start + t for chunk in chunks) / block_size)
     tables = torch.tensor([list(chunk.blocks[:width]) + [0] * (width - min(width, len(chunk.blocks))) for chunk in chunks])
     queries = torch.tensor([[chunk.start + i for i in range(t)] for chunk in chunks])  # (n, t) key position of each query
-    return AttentionGroup(rows, items, tables, build_masks(queries, width * block_size, layer_types, sliding_window))
+    return AttentionGroup(rows, items, t, tables, build_masks(queries, width * block_size, layer_types, sliding_window))
 
 
 class PagedAttention:
@@ -239,7 +240,7 @@ class PagedAttention:
         heads, head_dim = q.shape[1], q.shape[3]
         out = torch.empty(self.queries, heads, head_dim, dtype=q.dtype, device=q.device)  # (queries, heads, d)
         for group in self.groups:
-            n, t = group.items.shape[0], next(iter(group.masks.values())).shape[2]
+            n, t = group.items.shape[0], group.tokens
             item_depth = depth[0, group.items]  # (n,)
             keys, values = self.pool.gather(group.tables, item_depth)  # (n, kv_heads, width * block_size, d)
             mask = mask_at(group.masks, layer.arch.layer_types, item_depth)
