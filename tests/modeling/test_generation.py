@@ -15,7 +15,7 @@ import recursify
 from recursify.config import SamplingConfig
 from recursify.errors import ConfigError
 from recursify.modeling.generation import sample_next
-from recursify.modeling.layers import AttentionContext, build_masks
+from recursify.modeling.kv_cache import AttentionContext
 from recursify.modeling.lora import lora_delta
 from recursify.modeling.model import RecursiveModel
 from tiny import tiny_model
@@ -168,8 +168,7 @@ def test_lora_delta_gathers_each_rows_visit() -> None:
 
 def _context(model: RecursiveModel, ids: torch.Tensor) -> AttentionContext:
     positions = torch.arange(ids.shape[1]).expand(ids.shape[0], -1)
-    masks = build_masks(torch.ones_like(ids), ids.shape[1], model.arch.layer_types, model.arch.sliding_window)
-    return AttentionContext(rope=model.rope_tables(positions, torch.float32), masks=masks, cache=None)
+    return model.attention_context(torch.ones_like(ids), positions, None, torch.float32)
 
 
 def _forward_with_tensor_visits(model: RecursiveModel, ids: torch.Tensor, per_token: bool) -> torch.Tensor:

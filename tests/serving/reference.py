@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 
-from recursify.modeling.layers import AttentionContext, build_masks
 from recursify.modeling.model import RecursiveModel
 from recursify.serving.exit_policy import ExitPolicy
 
@@ -35,11 +34,7 @@ def early_exit_greedy(
     for _ in range(new_tokens):
         start, seq = cache.length, len(chunk)
         positions = torch.arange(start, start + seq)[None]
-        ctx = AttentionContext(
-            rope=model.rope_tables(positions, torch.float32),
-            masks=build_masks(torch.ones(1, start + seq, dtype=torch.long), seq, model.arch.layer_types, model.arch.sliding_window),
-            cache=cache,
-        )
+        ctx = model.attention_context(torch.ones(1, start + seq, dtype=torch.long), positions, cache, torch.float32)
         h = model.embed_tokens(torch.tensor([chunk]))
         for loop in range(model.loops):
             for k in range(block):

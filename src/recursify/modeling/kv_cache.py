@@ -1,15 +1,27 @@
-"""A preallocated key/value cache with its own slot for every depth (loop x layer).
+"""The model's attention core: a preallocated key/value cache with its own slot for every depth.
 
 A looped model visits each shared layer several times per token; each visit sees a different
 hidden state, so its keys and values differ. Caching by *shared layer* (one slot reused across
-loops) silently overwrites earlier loops' keys; here the slot is the depth.
+loops) silently overwrites earlier loops' keys; here the slot is the depth (loop x layer).
+
+``AttentionContext`` is the ``AttentionCore`` (modeling/attention.py) of ``RecursiveModel.forward``,
+generation and healing: the whole batch sits at one depth, its keys are appended to a ``KVCache``
+(or, without a cache, are exactly the rows' own keys).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
 
 from recursify.errors import ConfigError
+from recursify.modeling.attention import Depth, RopeTables, mask_at
+from recursify.modeling.lora import Visit
+
+if TYPE_CHECKING:
+    from recursify.modeling.layers import SharedLayer
 
 
 class KVCache:
@@ -49,3 +61,23 @@ class KVCache:
         if self.keys is None or self.values is None:
             return 0
         return self.keys.nbytes + self.values.nbytes
+
+
+@dataclass
+class AttentionContext:
+    """What every depth of one model forward pass shares: RoPE tables, masks and the cache.
+
+    Build it with ``RecursiveModel.attention_context``; masks come from ``attention.build_masks``
+    with the queries at the last cache positions.
+    """
+
+    rope: RopeTables  # layer type -> (cos, sin), [batch, seq, head_dim]
+    masks: dict[str, torch.Tensor]  # layer type -> bool [batch, 1, seq, kv_len], True = may attend
+    cache: KVCache | None
+
+    def attend(self, layer: SharedLayer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visit: Visit, depth: Depth) -> torch.Tensor:
+        """q: [batch, heads, seq, d]; k, v: [batch, kv_heads, seq, d] -> [batch, heads, seq, d]; every row is a query."""
+        assert isinstance(depth, int), "the contiguous cache holds one depth per call (the engine's core mixes depths)"
+        if self.cache is not None:
+            k, v = self.cache.update(depth, k, v)  # (batch, kv_heads, past + seq, d)
+        return layer.attend(q, k, v, mask_at(self.masks, layer.arch.layer_types, depth), visit)

@@ -3,18 +3,20 @@
 One compact implementation covers Llama/Mistral, Qwen2 (q/k/v bias), Qwen3 (q/k norm), Gemma
 ((1+w) norms, GeGLU, embedding scale), Gemma2 (sandwich norms, attention soft-capping) and Gemma3
 (sandwich + q/k norms, per-layer-type RoPE); families differ only through ArchConfig flags.
+
+``SharedLayer.forward`` is the only place the block is wired, for the model, generation, healing
+and the serving engine alike; where keys live (a contiguous per-depth cache, or the engine's paged
+pool with one depth per row) is the ``AttentionCore`` handed in (modeling/attention.py).
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from recursify.config import ArchConfig
-from recursify.modeling.kv_cache import KVCache
-from recursify.modeling.lora import DepthLinear, DepthRMSNorm, Visit
+from recursify.modeling.attention import AttentionCore, Depth, rope_at
+from recursify.modeling.lora import DepthLinear, DepthRMSNorm, Visit, visit_rows
 from recursify.modeling.prefix import DepthPrefix
 
 # Norms that sit right before linears: their gains can be folded into those linears.
@@ -35,15 +37,6 @@ def linear_shapes(arch: ArchConfig) -> dict[str, tuple[int, int]]:
     """(in_features, out_features) of every linear in a layer."""
     h, q_out, kv_out, ffn = arch.hidden_size, arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim, arch.intermediate_size
     return {"q": (h, q_out), "k": (h, kv_out), "v": (h, kv_out), "o": (q_out, h), "gate": (h, ffn), "up": (h, ffn), "down": (ffn, h)}
-
-
-@dataclass
-class AttentionContext:
-    """What every depth of one forward pass shares: RoPE tables, masks and the cache."""
-
-    rope: dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer type -> (cos, sin), [batch, seq, head_dim]
-    masks: dict[str, torch.Tensor]  # layer type -> bool [batch, 1, seq, kv_len], True = may attend
-    cache: KVCache | None
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -97,10 +90,24 @@ class SharedLayer(nn.Module):
         assert isinstance(module, DepthRMSNorm)
         return module
 
-    def forward(self, h: torch.Tensor, visit: Visit, depth: int, ctx: AttentionContext) -> torch.Tensor:
-        """h: [batch, seq, hidden] -> same. ``depth`` picks the attention pattern and KV slot."""
-        layer_type = self.arch.layer_types[depth]
-        attn = self.attention(self.norm("attn_norm")(h, visit), visit, depth, layer_type, ctx)
+    def forward(self, h: torch.Tensor, visit: Visit, depth: Depth, attention: AttentionCore) -> torch.Tensor:
+        """The block at ``depth``: h [batch, rows, hidden] -> [batch, queries, hidden].
+
+        ``visit`` (int, [batch] or [batch, rows]) selects the per-depth LoRA/norms/prefix;
+        ``depth`` (int, or [batch, rows] in the engine's depth-mixed batch) selects the RoPE
+        table, the attention pattern and the KV slot, through ``attention`` (the core that knows
+        where keys live, modeling/attention.py). The core stores keys/values for every row but
+        returns attention outputs for the first ``queries`` rows only: rows after them (the
+        engine's propagate fill rows: tokens that exited at an earlier loop and only need their
+        keys/values at this depth) stop after the KV write, so they never pay for the
+        o-projection and MLP. Everywhere else ``queries = rows``.
+        """
+        rope = rope_at(attention.rope, self.arch.layer_types, depth)  # (cos, sin) [batch, rows, head_dim] of each row's layer type
+        q, k, v = self.project_qkv(self.norm("attn_norm")(h, visit), visit, rope)
+        out = attention.attend(self, q, k, v, visit, depth)  # (batch, heads, queries, head_dim)
+        batch, _, queries, _ = out.shape
+        h, visit = h[:, :queries], visit_rows(visit, queries)  # from here on: the query rows only
+        attn = self.linear("o")(out.transpose(1, 2).reshape(batch, queries, -1), visit)
         if self.arch.sandwich_norms:
             attn = self.norm("post_attn_norm")(attn, visit)
         h = h + attn
@@ -125,16 +132,16 @@ class SharedLayer(nn.Module):
         k = apply_rope(k.transpose(1, 2), cos, sin)  # (batch, kv_heads, seq, head_dim)
         return q, k, v.transpose(1, 2)
 
-    def attention(self, x: torch.Tensor, visit: Visit, depth: int, layer_type: str, ctx: AttentionContext) -> torch.Tensor:
-        batch, seq, _ = x.shape
-        q, k, v = self.project_qkv(x, visit, ctx.rope[layer_type])
-        if ctx.cache is not None:
-            k, v = ctx.cache.update(depth, k, v)
-        mask = ctx.masks[layer_type]
+    def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, visit: Visit) -> torch.Tensor:
+        """Attention of q [b, heads, s, d] over the keys/values [b, kv_heads, kv, d] the core gathered for it.
+
+        The one place the per-depth prefix (``--relax prefix:N``) joins the keys: after the core,
+        since prefixes never enter a KV cache. mask: bool [b, 1, s, kv]; keys in the cache's dtype
+        are cast to the queries' (the engine's pool may store another precision).
+        """
         if self.prefix is not None:
-            k, v, mask = self.prefix.prepend(k, v, mask, visit)
-        out = scaled_attention(q, k, v, mask, self.arch.attn_scale, self.arch.attn_softcap)
-        return self.linear("o")(out.transpose(1, 2).reshape(batch, seq, -1), visit)
+            keys, values, mask = self.prefix.prepend(keys, values, mask, visit)
+        return scaled_attention(q, keys.to(q.dtype), values.to(q.dtype), mask, self.arch.attn_scale, self.arch.attn_softcap)
 
     def mlp(self, x: torch.Tensor, visit: Visit) -> torch.Tensor:
         gate = self.linear("gate")(x, visit)
@@ -148,7 +155,7 @@ def scaled_attention(
     """Grouped-query attention. q: [b, heads, s, d]; k, v: [b, kv_heads, kv, d]; mask: bool [b, 1, s, kv].
 
     Soft-capping (Gemma2) needs the raw scores, so it takes the explicit path; otherwise SDPA.
-    Every query may attend at least to itself (see ``build_masks``), so no row is fully masked.
+    Every query may attend at least to itself (see ``attention.build_masks``), so no row is fully masked.
     """
     if softcap is None:
         return nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
@@ -157,27 +164,3 @@ def scaled_attention(
     scores = torch.tanh((q @ k.transpose(-1, -2)) * scale / softcap) * softcap
     scores = scores.masked_fill(~mask, float("-inf"))
     return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
-
-
-def build_masks(
-    attention_mask: torch.Tensor, query_len: int, layer_types: list[str], sliding_window: int | None
-) -> dict[str, torch.Tensor]:
-    """Boolean masks [batch, 1, query_len, kv_len] per layer type from a padding mask [batch, kv_len].
-
-    Queries are the last ``query_len`` cache positions. A key is visible when it is not padding,
-    not in the future, and (sliding layers) fewer than ``sliding_window`` positions back. Each
-    query also sees itself, so padded query rows stay finite instead of producing NaNs.
-    """
-    kv_len = attention_mask.shape[1]
-    q_idx = torch.arange(kv_len - query_len, kv_len, device=attention_mask.device)[:, None]
-    kv_idx = torch.arange(kv_len, device=attention_mask.device)[None, :]
-    causal = kv_idx <= q_idx
-    keep = attention_mask.bool()[:, None, None, :]
-    diagonal = kv_idx == q_idx
-    masks = {}
-    for layer_type in dict.fromkeys(layer_types):
-        allowed = causal
-        if layer_type == "sliding_attention" and sliding_window is not None:
-            allowed = allowed & (kv_idx > q_idx - sliding_window)
-        masks[layer_type] = (allowed & keep) | diagonal
-    return masks

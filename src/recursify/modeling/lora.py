@@ -16,6 +16,11 @@ from torch import nn
 Visit = int | torch.Tensor
 
 
+def visit_rows(visit: Visit, rows: int) -> Visit:
+    """The visit of the first ``rows`` tokens of each sequence (a per-token visit [batch, seq] is cut; others apply to any rows)."""
+    return visit[:, :rows] if isinstance(visit, torch.Tensor) and visit.dim() == 2 else visit
+
+
 class DepthLinear(nn.Module):
     """``y = x W'^T + b' + B_v M_v A_v x + delta_b_v`` with W', b' shared and the rest per visit.
 

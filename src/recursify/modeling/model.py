@@ -19,8 +19,9 @@ from torch import nn
 from recursify import checkpoint
 from recursify.config import LINEARS, ArchConfig, RecursionConfig
 from recursify.errors import CheckpointError, ConfigError, RecursifyError
-from recursify.modeling.kv_cache import KVCache
-from recursify.modeling.layers import FOLDABLE_NORMS, AttentionContext, SharedLayer, build_masks, norm_names
+from recursify.modeling.attention import RopeTables, build_masks
+from recursify.modeling.kv_cache import AttentionContext, KVCache
+from recursify.modeling.layers import FOLDABLE_NORMS, SharedLayer, norm_names
 from recursify.modeling.lora import DepthRMSNorm
 from recursify.modeling.schedule import DepthSlot, build_schedule, depths_of_layer, loop_end_depths, num_unique_layers
 
@@ -104,8 +105,8 @@ class RecursiveModel(nn.Module):
         assert isinstance(layer, SharedLayer)
         return layer
 
-    def rope_tables(self, position_ids: torch.Tensor, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """(cos, sin) [batch, seq, head_dim] per layer type for integer positions [batch, seq]."""
+    def rope_tables(self, position_ids: torch.Tensor, dtype: torch.dtype) -> RopeTables:
+        """(cos, sin) [batch, seq, head_dim] per layer type for integer positions [batch, seq] (pick one with ``attention.rope_at``)."""
         tables = {}
         for kind in self.arch.rope_kinds:
             inv_freq = getattr(self, rope_buffer_name(kind)).float()
@@ -159,11 +160,7 @@ class RecursiveModel(nn.Module):
         if position_ids is None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
         h = self.embed_tokens(input_ids)
-        ctx = AttentionContext(
-            rope=self.rope_tables(position_ids, h.dtype),
-            masks=build_masks(attention_mask, seq, self.arch.layer_types, self.arch.sliding_window),
-            cache=cache,
-        )
+        ctx = self.attention_context(attention_mask, position_ids, cache, h.dtype)
         keep = slice(-logits_to_keep, None) if logits_to_keep > 0 else slice(None)
         hidden = [h] if output_hidden_states else None
         exits: list[torch.Tensor] | None = [] if output_exits else None
@@ -177,6 +174,19 @@ class RecursiveModel(nn.Module):
             cache.advance(seq)
         logits = exits[-1] if exits else self.head(h[:, keep])
         return ModelOutput(logits=logits, exit_logits=exits, hidden_states=hidden)
+
+    def attention_context(
+        self, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache: KVCache | None, dtype: torch.dtype
+    ) -> AttentionContext:
+        """RoPE tables and masks of ``seq`` new tokens (position_ids [batch, seq]) after the cache's ``past`` ones.
+
+        attention_mask: [batch, past + seq], 0 at padding. The new tokens' keys are the last
+        ``seq`` cache positions, so the queries stand at positions past..past+seq-1 of the key row.
+        """
+        num_keys, seq = attention_mask.shape[1], position_ids.shape[1]
+        queries = torch.arange(num_keys - seq, num_keys, device=attention_mask.device)[None]  # (1, seq)
+        masks = build_masks(queries, num_keys, self.arch.layer_types, self.arch.sliding_window, key_padding=attention_mask)
+        return AttentionContext(rope=self.rope_tables(position_ids, dtype), masks=masks, cache=cache)
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         """An empty KV cache with one slot per depth."""

@@ -1,19 +1,29 @@
 """Serving KV memory: fixed-size blocks with one slot per depth, reserved per request at admission.
 
-Two halves with one job each: ``BlockAllocator`` is CPU bookkeeping (which blocks belong to which
+Three parts with one job each: ``BlockAllocator`` is CPU bookkeeping (which blocks belong to which
 request; the scheduler uses it for admission control), ``KVPool`` holds the preallocated tensors
-(the runner writes and gathers keys/values by block, depth and offset). A request reserves every
-block it can ever need when it is admitted, so a running request never runs out of memory: requests
-that do not fit wait in the queue instead.
+(written and gathered by block, depth and offset), and ``PagedAttention`` is the attention core
+(modeling/attention.py) the model's own ``SharedLayer.forward`` runs on in the engine: it writes
+each packed row's keys/values into the pool at the row's depth and attends every item's queries over
+its own blocks. A request reserves every block it can ever need when it is admitted, so a running
+request never runs out of memory: requests that do not fit wait in the queue instead.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from recursify.errors import ConfigError
+from recursify.modeling.attention import Depth, RopeTables, build_masks, mask_at
+from recursify.modeling.lora import Visit
+
+if TYPE_CHECKING:
+    from recursify.modeling.layers import SharedLayer
 
 
 class BlockAllocator:
@@ -140,3 +150,102 @@ class KVPool:
     def _flat_rows(buffer: torch.Tensor) -> torch.Tensor:
         """A [blocks * depths * block_size, kv_heads, head_dim] view: one row per stored position and depth."""
         return buffer.flatten(0, 2)
+
+
+class Chunk(Protocol):
+    """One item's query rows in a step (a scheduler WorkItem): positions start.. start + num_tokens - 1 of a sequence owning ``blocks``."""
+
+    @property
+    def start(self) -> int: ...
+
+    @property
+    def num_tokens(self) -> int: ...
+
+    @property
+    def blocks(self) -> tuple[int, ...]: ...
+
+
+@dataclass
+class AttentionGroup:
+    """Items whose queries attend in one call: every single-token (decode) item together, or one prefill chunk.
+
+    Built once per step: between the shared layers of a step only the depth (so the KV slot and
+    the sliding flag) changes, so the block tables and masks are reused by every layer.
+    """
+
+    rows: torch.Tensor | slice  # the group's query rows among all query rows (n items x t tokens, item-major)
+    items: torch.Tensor  # (n,) the first query row of each item: where its depth and visit are read
+    tokens: int  # t, the query rows per item
+    tables: torch.Tensor  # (n, width) KV blocks of each item, padded with block 0 (masked: beyond every query)
+    masks: dict[str, torch.Tensor]  # layer type -> bool (n, 1, t, width * block_size)
+
+
+def attention_groups(
+    chunks: Sequence[Chunk], block_size: int, layer_types: Sequence[str], sliding_window: int | None
+) -> list[AttentionGroup]:
+    """One group per prefill chunk (attending alone) and one for all single-token chunks (batched decode).
+
+    ``chunks`` are the step's query rows in order. A decode batch gathers every item's KV blocks
+    padded to the longest; a prefill chunk would pad every other item to its length, so it runs alone.
+    """
+    groups, row, decode_rows, decode = [], 0, [], []
+    for chunk in chunks:
+        if chunk.num_tokens == 1:
+            decode_rows.append(row)
+            decode.append(chunk)
+        else:
+            groups.append(_group(slice(row, row + chunk.num_tokens), torch.tensor([row]), [chunk], block_size, layer_types, sliding_window))
+        row += chunk.num_tokens
+    if decode:
+        decode_index = torch.tensor(decode_rows)
+        groups.append(_group(decode_index, decode_index, decode, block_size, layer_types, sliding_window))
+    return groups
+
+
+def _group(
+    rows: torch.Tensor | slice,
+    items: torch.Tensor,
+    chunks: list[Chunk],
+    block_size: int,
+    layer_types: Sequence[str],
+    sliding_window: int | None,
+) -> AttentionGroup:
+    """Block tables and masks (``attention.build_masks``, the model's own) for chunks of equal length t."""
+    t = chunks[0].num_tokens
+    width = math.ceil(max(chunk.start + t for chunk in chunks) / block_size)
+    tables = torch.tensor([list(chunk.blocks[:width]) + [0] * (width - min(width, len(chunk.blocks))) for chunk in chunks])
+    queries = torch.tensor([[chunk.start + i for i in range(t)] for chunk in chunks])  # (n, t) key position of each query
+    return AttentionGroup(rows, items, t, tables, build_masks(queries, width * block_size, layer_types, sliding_window))
+
+
+class PagedAttention:
+    """The attention core of one engine step over a ``KVPool`` (see ``AttentionCore``).
+
+    The step's rows are packed as one sequence [1, rows]: first the items' query rows, then the
+    propagate fill rows (keys/values only). Each row has its own depth (``depth`` [1, rows] =
+    loop * K + layer: a packed batch mixes loops), hence its own KV slot, RoPE table and pattern.
+    """
+
+    def __init__(
+        self, pool: KVPool, rope: RopeTables, blocks: torch.Tensor, offsets: torch.Tensor, queries: int, groups: list[AttentionGroup]
+    ):
+        self.pool, self.rope, self.groups = pool, rope, groups
+        self.blocks, self.offsets = blocks, offsets  # (rows,) where each row's key is stored
+        self.queries = queries
+
+    def attend(self, layer: SharedLayer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visit: Visit, depth: Depth) -> torch.Tensor:
+        """q: [1, heads, rows, d]; k, v: [1, kv_heads, rows, d]; depth [1, rows] -> [1, heads, queries, d]."""
+        assert isinstance(depth, torch.Tensor), "the engine's rows carry one depth each"
+        self.pool.write(self.blocks, self.offsets, depth[0], k[0].transpose(0, 1), v[0].transpose(0, 1))
+        heads, head_dim = q.shape[1], q.shape[3]
+        out = torch.empty(self.queries, heads, head_dim, dtype=q.dtype, device=q.device)  # (queries, heads, d)
+        for group in self.groups:
+            n, t = group.items.shape[0], group.tokens
+            item_depth = depth[0, group.items]  # (n,)
+            keys, values = self.pool.gather(group.tables, item_depth)  # (n, kv_heads, width * block_size, d)
+            mask = mask_at(group.masks, layer.arch.layer_types, item_depth)
+            item_visit = visit if isinstance(visit, int) else visit[0, group.items]  # (n,): every token of an item is at its loop
+            group_q = q[0, :, group.rows].unflatten(1, (n, t)).transpose(0, 1)  # (n, heads, t, d)
+            part = layer.attend(group_q, keys, values, mask, item_visit)  # (n, heads, t, d)
+            out[group.rows] = part.transpose(1, 2).reshape(n * t, heads, head_dim).to(out.dtype)
+        return out.transpose(0, 1)[None]  # (1, heads, queries, d), a view the o-projection reads back contiguously

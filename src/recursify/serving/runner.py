@@ -1,10 +1,13 @@
 """Execute a step plan on the model: one pass of the shared block over every work item at once.
 
-All items' tokens are packed into one row sequence [1, rows, hidden]. The linears, norms and LoRAs
-run once per shared layer over all rows, each row using its own loop's LoRA/norm through the
-per-token visit index (a gather inside the batched matmul, no Python loop over depths). Only the
-attention core depends on a request's own keys: single-token (decode) items share one batched
-attention over their padded KV blocks, prefill chunks attend one by one.
+All items' tokens are packed into one row sequence [1, rows, hidden], and each shared layer runs
+once over all rows through the model's own ``SharedLayer.forward``: the linears, norms and LoRAs
+run once per layer, each row using its own loop's LoRA/norm through the per-token visit index (a
+grouped matmul per loop present, no Python loop over rows), and each row at its own depth
+(loop * K + layer). Only the attention core depends on a request's own keys: ``PagedAttention``
+(serving/kv_cache.py) batches single-token (decode) items over their padded KV blocks and lets
+prefill chunks attend one by one. Propagate fill rows ride along after the item rows: the layer
+writes their keys/values and drops them before the o-projection.
 
 State kept here between steps (tensors, keyed by request id): the hidden state of every chunk in
 flight, the exit hidden states ``propagate`` needs, and per-request sampling generators.
@@ -12,7 +15,6 @@ flight, the exit hidden states ``propagate`` needs, and per-request sampling gen
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -20,11 +22,10 @@ import torch
 from recursify.config import SamplingConfig
 from recursify.errors import ConfigError
 from recursify.modeling.generation import sample_next
-from recursify.modeling.layers import SharedLayer, scaled_attention
 from recursify.modeling.lora import Visit
 from recursify.modeling.model import RecursiveModel
 from recursify.serving.exit_policy import ExitPolicy
-from recursify.serving.kv_cache import KVPool
+from recursify.serving.kv_cache import KVPool, PagedAttention, attention_groups
 from recursify.serving.scheduler import ItemResult, StepPlan, WorkItem
 
 
@@ -51,25 +52,10 @@ class _Rows:
     items: int  # number of item rows (fill rows follow)
     uniform_loop: int | None  # the loop every row is at, when they agree (the cheaper int-visit path)
 
-    def visit(self, rows: int | None = None) -> Visit:
+    def visit(self) -> Visit:
         if self.uniform_loop is not None:
             return self.uniform_loop
-        return self.loops[None, :rows]  # (1, rows): one visit per token
-
-
-@dataclass
-class _AttentionGroup:
-    """Items whose queries attend in one call (all decode items, or one prefill chunk).
-
-    Built once per step: only the depth (and so the KV slot and sliding flag) changes between
-    the shared layers of a step, so tables and masks are reused by every layer.
-    """
-
-    rows: torch.Tensor | slice  # the group's query rows among the item rows (n * t of them)
-    tables: torch.Tensor  # (n, width) KV blocks of each item, padded with block 0
-    loops: torch.Tensor  # (n,)
-    allowed: torch.Tensor  # (n, 1, t, width * block_size) causal mask
-    windowed: torch.Tensor | None  # the same with the sliding window (models with sliding depths)
+        return self.loops[None]  # (1, rows): one visit per token
 
 
 class ModelRunner:
@@ -78,13 +64,6 @@ class ModelRunner:
     def __init__(self, model: RecursiveModel, pool: KVPool, policy: ExitPolicy, kv_mode: str):
         self.model, self.pool, self.policy, self.kv_mode = model, pool, policy, kv_mode
         self.block = block_size_of(model)
-        kinds = model.arch.rope_kinds
-        # layer type index of every (loop, layer): attention pattern and RoPE table differ per depth
-        self.type_of = torch.tensor([[kinds.index(model.arch.layer_types[loop * self.block + k]) for k in range(self.block)]
-                                     for loop in range(model.loops)])  # fmt: skip
-        self.sliding = torch.tensor([[model.arch.layer_types[loop * self.block + k] == "sliding_attention" for k in range(self.block)]
-                                     for loop in range(model.loops)])  # fmt: skip
-        self.windowed = model.arch.sliding_window is not None and bool(self.sliding.any())
         self.hidden: dict[str, torch.Tensor] = {}
         self.exit_hidden: dict[str, torch.Tensor] = {}
         self.sampling: dict[str, tuple[SamplingConfig, torch.Generator | None]] = {}
@@ -104,12 +83,20 @@ class ModelRunner:
             self.release(request_id)
         if not plan.items:
             return {}
-        h, fills, rows = self._inputs(plan.items)
-        tables = self.model.rope_tables(rows.positions[None], h.dtype)
-        groups = self._attention_groups(plan.items)
+        h, fills, rows = self._inputs(plan.items)  # (item_rows, hidden), (fill_rows, hidden) or None
+        arch = self.model.arch
+        attention = PagedAttention(
+            self.pool,
+            self.model.rope_tables(rows.positions[None], h.dtype),  # tables and masks: once per step, not per layer
+            rows.blocks,
+            rows.offsets,
+            rows.items,
+            attention_groups(plan.items, self.pool.block_size, arch.layer_types, arch.sliding_window),
+        )
+        visit, loop_depth = rows.visit(), rows.loops[None] * self.block  # (1, rows): depth = loop * K + layer
         for k in range(self.block):
-            rope = self._rope(k, rows, tables)
-            h = self._layer(self.model.shared_layer(k), k, h, fills, rows, rope, groups)
+            x = h if fills is None else torch.cat([h, fills])  # fills: the same exit state at every layer
+            h = self.model.shared_layer(k)(x[None], visit, loop_depth + k, attention)[0]
         return self._finish(plan.items, h, rows)
 
     # --- inputs -----------------------------------------------------------------------------
@@ -153,96 +140,6 @@ class ModelRunner:
             uniform_loop=all_loops[0] if len(set(all_loops)) == 1 else None,
         )
         return torch.cat(parts), (torch.cat(fill_parts) if fill_parts else None), rows
-
-    def _rope(self, k: int, rows: _Rows, tables: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each row's (cos, sin) [1, rows, head_dim] for the layer type of its depth at shared layer k."""
-        kinds = self.model.arch.rope_kinds
-        if len(kinds) == 1:
-            return tables[kinds[0]]
-        row_type = self.type_of[rows.loops, k][None, :, None]  # (1, rows, 1)
-        cos, sin = tables[kinds[0]]
-        for index, kind in enumerate(kinds[1:], start=1):
-            cos = torch.where(row_type == index, tables[kind][0], cos)
-            sin = torch.where(row_type == index, tables[kind][1], sin)
-        return cos, sin
-
-    # --- one shared layer -------------------------------------------------------------------
-
-    def _layer(
-        self,
-        layer: SharedLayer,
-        k: int,
-        h: torch.Tensor,
-        fills: torch.Tensor | None,
-        rows: _Rows,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        groups: list[_AttentionGroup],
-    ) -> torch.Tensor:
-        """h: [item_rows, hidden] -> same, after shared layer k at each row's own depth."""
-        arch = self.model.arch
-        x = h if fills is None else torch.cat([h, fills])
-        normed = layer.norm("attn_norm")(x[None], rows.visit())
-        q, key, value = layer.project_qkv(normed, rows.visit(), rope)  # (1, heads, rows, d)
-        depths = rows.loops * self.block + k
-        self.pool.write(rows.blocks, rows.offsets, depths, key[0].transpose(0, 1), value[0].transpose(0, 1))
-        attn = self._attend(q[0, :, : rows.items], k, groups)  # (item_rows, heads * head_dim)
-        visit = rows.visit(rows.items)
-        out = layer.linear("o")(attn[None], visit)
-        if arch.sandwich_norms:
-            out = layer.norm("post_attn_norm")(out, visit)
-        h = h + out[0]
-        mlp = layer.mlp(layer.norm("mlp_norm")(h[None], visit), visit)
-        if arch.sandwich_norms:
-            mlp = layer.norm("post_mlp_norm")(mlp, visit)
-        return h + mlp[0]
-
-    def _attend(self, q: torch.Tensor, k: int, groups: list[_AttentionGroup]) -> torch.Tensor:
-        """Attention of every item's queries (q: [heads, item_rows, d]) over its own keys at its depth."""
-        heads, total, head_dim = q.shape
-        out = torch.empty(total, heads * head_dim, dtype=q.dtype)
-        for group in groups:
-            n, t = group.allowed.shape[0], group.allowed.shape[2]
-            part = self._attend_group(q[:, group.rows].unflatten(1, (n, t)).transpose(0, 1), k, group)  # (n, heads, t, d)
-            out[group.rows] = part.transpose(1, 2).reshape(n * t, -1).to(out.dtype)
-        return out
-
-    def _attention_groups(self, items: list[WorkItem]) -> list[_AttentionGroup]:
-        """One group per prefill chunk (attending alone) and one for all single-token items."""
-        groups, row, decode_rows, decode_items = [], 0, [], []
-        for item in items:
-            if item.num_tokens == 1:
-                decode_rows.append(row)
-                decode_items.append(item)
-            else:
-                groups.append(self._attention_group(slice(row, row + item.num_tokens), [item]))
-            row += item.num_tokens
-        if decode_items:
-            groups.append(self._attention_group(torch.tensor(decode_rows), decode_items))
-        return groups
-
-    def _attention_group(self, rows: torch.Tensor | slice, items: list[WorkItem]) -> _AttentionGroup:
-        """Block tables and masks for items of equal chunk length t."""
-        size, t = self.pool.block_size, items[0].num_tokens
-        width = math.ceil(max(item.start + t for item in items) / size)
-        tables = torch.tensor([list(item.blocks[:width]) + [0] * (width - min(width, len(item.blocks))) for item in items])
-        query_pos = torch.tensor([[item.start + i for i in range(t)] for item in items])[:, None, :, None]  # (n, 1, t, 1)
-        key_pos = torch.arange(width * size)[None, None, None, :]
-        allowed = key_pos <= query_pos
-        window = self.model.arch.sliding_window
-        windowed = allowed & (key_pos > query_pos - window) if self.windowed and window is not None else None
-        return _AttentionGroup(rows, tables, torch.tensor([item.loop for item in items]), allowed, windowed)
-
-    def _attend_group(self, q: torch.Tensor, k: int, group: _AttentionGroup) -> torch.Tensor:
-        """q: [n, heads, t, d] for the group's n items -> [n, heads, t, d], at each item's depth of shared layer k."""
-        arch = self.model.arch
-        keys, values = self.pool.gather(group.tables, group.loops * self.block + k)  # (n, kv_heads, width * size, d)
-        allowed = group.allowed
-        if group.windowed is not None:
-            allowed = torch.where(self.sliding[group.loops, k][:, None, None, None], group.windowed, group.allowed)
-        prefix = self.model.shared_layer(k).prefix
-        if prefix is not None:  # per-depth learned keys/values (--relax prefix:N), visit = loop
-            keys, values, allowed = prefix.prepend(keys, values, allowed, group.loops)
-        return scaled_attention(q, keys.to(q.dtype), values.to(q.dtype), allowed, arch.attn_scale, arch.attn_softcap)
 
     # --- after the loop ---------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ from recursify.checkpoint import check_writable, is_checkpoint
 from recursify.data import load_tokens, pack
 from recursify.errors import CheckpointError, ConfigError, DataError
 from recursify.loading import load
-from recursify.modeling.layers import AttentionContext, build_masks
+from recursify.modeling.kv_cache import AttentionContext
 from recursify.modeling.model import RecursiveModel
 from recursify.text import precision_context, require_tokenizer
 from recursify.training.budget import CpuBudget, budget_lr_factor
@@ -97,8 +97,7 @@ def attention_context(model: RecursiveModel, batch: int, seq_len: int, dtype: to
     """RoPE tables and masks of unpadded [batch, seq_len] rows (what ``model.forward`` builds), no cache."""
     positions = torch.arange(seq_len, device=model.device).expand(batch, seq_len)
     mask = torch.ones(batch, seq_len, dtype=torch.long, device=model.device)
-    masks = build_masks(mask, seq_len, model.arch.layer_types, model.arch.sliding_window)
-    return AttentionContext(model.rope_tables(positions, dtype), masks, None)
+    return model.attention_context(mask, positions, None, dtype)
 
 
 @torch.no_grad()
