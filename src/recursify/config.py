@@ -106,7 +106,7 @@ class RecursionConfig:
 
     Attributes:
         loops: B, the number of times the block of shared layers runs (1 = the original model).
-        strategy: which shared layer serves each depth (METHOD.md section 1).
+        strategy: which shared layer serves each depth (docs/method.md section 1).
         init: how shared weights are initialised from the original layers.
         ranks: LoRA rank per linear kind (q, k, v, o, gate, up, down); 0 = no LoRA (pure recursive).
         lora_init: "svd" (truncated SVD of each depth's residual), "asvd" (activation-aware SVD on

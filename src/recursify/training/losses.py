@@ -67,7 +67,7 @@ def parse_exit_loss(spec: str) -> tuple[str, float]:
 
 
 def exit_loss_weights(spec: str, num_exits: int) -> list[float]:
-    """Weight of each exit b = 1..B in the training loss (METHOD.md section 5).
+    """Weight of each exit b = 1..B in the training loss (docs/method.md section 6).
 
     none: only the last exit (1 for b = B, 0 elsewhere); weighted: alpha_b = b / sum(1..B);
     aggressive:C: 1 for the last exit and C for every earlier one.
