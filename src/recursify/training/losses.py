@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from recursify.errors import ConfigError
 
 KD_KINDS = ("forward-kl", "reverse-kl", "jsd", "tvd")
-EXIT_LOSSES = ("none", "weighted", "aggressive:C")
 
 
 def next_token_ce(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
