@@ -70,6 +70,7 @@ def demo_argv(source: Path, out: Path) -> list[str]:
     return ["demo", "--quick", "--model", str(source), "--out", str(out), "--tasks", str(source / "tiny_mc" / "task.json")]
 
 
+@pytest.mark.slow  # runs recursify demo --quick (once per module)
 def test_quick_demo_writes_a_complete_finite_report(finished: Path) -> None:
     report = json.loads((finished / "report.json").read_text())
     expected = {"original", *(spec.name for spec in GRID), "relaxed-l3-asvd-r64-exits"}
@@ -91,6 +92,7 @@ def test_quick_demo_writes_a_complete_finite_report(finished: Path) -> None:
     assert "| model |" in markdown and "recursify convert" in markdown
 
 
+@pytest.mark.slow  # runs recursify demo --quick (once per module)
 def test_rerun_reuses_every_step(finished: Path, source: Path, capsys: pytest.CaptureFixture[str]) -> None:
     before = (finished / "report.json").read_text()
     assert main(demo_argv(source, finished)) == 0
@@ -100,6 +102,7 @@ def test_rerun_reuses_every_step(finished: Path, source: Path, capsys: pytest.Ca
     assert after["models"] == json.loads(before)["models"]
 
 
+@pytest.mark.slow  # runs recursify demo --quick (once per module)
 def test_interrupted_uptraining_resumes_from_its_checkpoint(finished: Path, source: Path) -> None:
     """A kill after the last checkpoint but before the step's marker: the rerun resumes, it does not retrain."""
     key = "uptrain--relaxed-l3-svd-r64"
@@ -111,6 +114,7 @@ def test_interrupted_uptraining_resumes_from_its_checkpoint(finished: Path, sour
     assert marker["command"].endswith(str(finished / "uptrain" / "relaxed-l3-svd-r64"))  # recorded without --resume
 
 
+@pytest.mark.slow  # runs recursify demo --quick (once per module)
 def test_changed_options_are_refused_in_one_line(finished: Path, source: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--quick", "--model", str(source), "--out", str(finished), "--seed", "3"]) == 2
     err = capsys.readouterr().err

@@ -23,6 +23,7 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+@pytest.mark.slow  # launches two accelerate processes
 def test_two_processes_match_one_process(tiny_run, tmp_path) -> None:
     launcher = shutil.which("accelerate", path=os.path.dirname(sys.executable))
     if launcher is None:
