@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import transformers
 
+import recursify
 from recursify import load
 from recursify.cli import build_parser, main
 from tiny import save_tiny_checkpoint
@@ -73,19 +75,36 @@ def test_info_table_for_humans(converted: Path, capsys: pytest.CaptureFixture[st
     assert "non-embedding" in out and "ratio" in out and "3 loops x 2 unique layers" in out
 
 
+def printed_generation(prompt: str, tokens: list[int], tokenizer: Any) -> str:
+    """What ``recursify generate`` prints for greedy ``tokens``: the prompt, the text up to EOS (id 2), a newline."""
+    tokens = tokens[: tokens.index(2)] if 2 in tokens else tokens
+    return prompt + tokenizer.decode(tokens, skip_special_tokens=True) + "\n"
+
+
 def test_generate_matches_the_python_api(converted: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["generate", str(converted), "--prompt", "Hello", "--max-new-tokens", "6"]) == 0
     out = capsys.readouterr().out
     model = load(converted)
     ids = model.tokenizer("Hello", return_tensors="pt")["input_ids"]
     tokens = model.generate(ids, max_new_tokens=6)[0, ids.shape[1] :].tolist()
-    tokens = tokens[: tokens.index(2)] if 2 in tokens else tokens  # the CLI stops at EOS (id 2)
-    assert out == "Hello" + model.tokenizer.decode(tokens, skip_special_tokens=True) + "\n"
+    assert out == printed_generation("Hello", tokens, model.tokenizer)
 
 
 def test_generate_from_a_source_runs_the_original(source_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["generate", str(source_dir), "--prompt", "ab", "--max-new-tokens", "3", "--precision", "bf16"]) == 0
-    assert capsys.readouterr().out.startswith("ab")
+    """A source directory is generated from as the original model: transformers' own greedy tokens are the reference."""
+    reference = transformers.AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(source_dir)
+    ids = tokenizer("ab", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        tokens = reference.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)[0, ids.shape[1] :].tolist()
+    assert main(["generate", str(source_dir), "--prompt", "ab", "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out == printed_generation("ab", tokens, tokenizer)
+    # bf16 autocast: the same tokens as the Python API under the same autocast
+    assert main(["generate", str(source_dir), "--prompt", "ab", "--max-new-tokens", "8", "--precision", "bf16"]) == 0
+    original = recursify.convert(str(source_dir), loops=1, progress=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16_tokens = original.generate(ids, max_new_tokens=8)[0, ids.shape[1] :].tolist()
+    assert capsys.readouterr().out == printed_generation("ab", bf16_tokens, tokenizer)
 
 
 def test_unknown_alias(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -146,15 +165,17 @@ def test_bad_argument_values_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert "Traceback" not in capsys.readouterr().err
 
 
-def test_python_module_entry_point(converted: Path) -> None:
+def test_python_module_entry_point(converted: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``python -m recursify`` is the same CLI: its output equals an in-process ``main`` call's."""
     import subprocess
     import sys
 
     result = subprocess.run(
         [sys.executable, "-m", "recursify", "info", str(converted), "--json"], capture_output=True, text=True, check=True
     )
+    assert main(["info", str(converted), "--json"]) == 0
+    assert json.loads(result.stdout) == json.loads(capsys.readouterr().out)
     assert json.loads(result.stdout)["loops"] == 3
-    assert torch.__version__  # the subprocess ran in the same environment
 
 
 def test_info_on_a_source_model_describes_the_original(source_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -5,17 +5,10 @@ Kept free of torch so the CLI can validate options before importing anything hea
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 from recursify.errors import ConfigError
-
-Strategy = Literal["cycle", "sequence", "cycle-rev", "middle-cycle"]
-SharedInit = Literal["stepwise", "average", "lower", "random"]
-LoraInit = Literal["svd", "zero"]
-NormMode = Literal["per-depth", "tied", "fold"]
-LayerType = Literal["full_attention", "sliding_attention"]
 
 STRATEGIES: tuple[str, ...] = ("cycle", "sequence", "cycle-rev", "middle-cycle")
 SHARED_INITS: tuple[str, ...] = ("stepwise", "average", "lower", "random")
@@ -108,7 +101,7 @@ class RecursionConfig:
 
     Attributes:
         loops: B, the number of times the block of shared layers runs (1 = the original model).
-        strategy: which shared layer serves each depth (METHOD.md section 1).
+        strategy: which shared layer serves each depth (docs/method.md section 1).
         init: how shared weights are initialised from the original layers.
         ranks: LoRA rank per linear kind (q, k, v, o, gate, up, down); 0 = no LoRA (pure recursive).
         lora_init: "svd" (truncated SVD of each depth's residual), "asvd" (activation-aware SVD on
@@ -183,11 +176,6 @@ class RecursionConfig:
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")
-
-
-def to_dict(obj: Any) -> dict[str, Any]:
-    """Dataclass to a JSON-ready dict."""
-    return dataclasses.asdict(obj)
 
 
 @dataclass

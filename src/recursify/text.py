@@ -82,8 +82,3 @@ def stream_text(
             if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
                 yield text[len(shown) :]
                 shown = text
-
-
-def generate_text(model: RecursiveModel, prompts: list[str], max_new_tokens: int = 32, **kwargs: Any) -> list[str]:
-    """The continuation of each prompt (see ``stream_text`` for the options)."""
-    return ["".join(stream_text(model, prompt, max_new_tokens, **kwargs)) for prompt in prompts]

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 
+from helpers import numbers
 from recursify.cli import main
 from recursify.demo.plan import GRID, DemoOptions, Shape, Speeds, plan_budget
 from recursify.demo.report import HEADLINE_KEYS, PLOTS
@@ -17,16 +19,6 @@ from recursify.errors import ConfigError
 from tiny import tiny_model, tiny_tokenizer
 
 TASK = {"name": "tiny_mc", "examples": [{"input": f"is {w} a word", "target_scores": {"yes": 1, "no": 0}} for w in ("cat", "xq", "dog")]}
-
-
-def numbers(value: Any) -> list[float]:
-    """Every number in a JSON value (None is 'not measured', not a number)."""
-    if isinstance(value, bool) or value is None or isinstance(value, str):
-        return []
-    if isinstance(value, (int, float)):
-        return [float(value)]
-    items = value.values() if isinstance(value, dict) else value
-    return [n for item in items for n in numbers(item)]
 
 
 @pytest.fixture(scope="module")
@@ -41,20 +33,44 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def finished(source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def first_run(source: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """One quick demo run (the expensive part, done once): its run directory and a pristine copy of it."""
     root = tmp_path_factory.mktemp("demo")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("RECURSIFY_CACHE", str(root / "cache"))
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            argv = ["demo", "--quick", "--model", str(source), "--out", str(root / "run"), "--tasks", str(source / "tiny_mc" / "task.json")]
-            assert main(argv) == 0
+            assert main(demo_argv(source, root / "run")) == 0
         finally:
             torch.set_num_threads(threads)
-    return root / "run"
+    shutil.copytree(root / "run", root / "pristine")
+    return root / "run", root / "pristine"
 
 
+@pytest.fixture
+def finished(first_run: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """The run directory as the first run left it, restored before every test.
+
+    Tests rerun the demo in place and change the directory; a run cannot be continued from a copy elsewhere
+    (its records hold absolute paths), so each test gets the same path restored from the pristine copy. Reruns
+    use the first run's cache (teacher-sampled data) and one thread, like the first run.
+    """
+    run, pristine = first_run
+    shutil.rmtree(run)
+    shutil.copytree(pristine, run)
+    monkeypatch.setenv("RECURSIFY_CACHE", str(run.parent / "cache"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield run
+    torch.set_num_threads(threads)
+
+
+def demo_argv(source: Path, out: Path) -> list[str]:
+    return ["demo", "--quick", "--model", str(source), "--out", str(out), "--tasks", str(source / "tiny_mc" / "task.json")]
+
+
+@pytest.mark.slow  # runs recursify demo --quick (once per module)
 def test_quick_demo_writes_a_complete_finite_report(finished: Path) -> None:
     report = json.loads((finished / "report.json").read_text())
     expected = {"original", *(spec.name for spec in GRID), "relaxed-l3-asvd-r64-exits"}
@@ -76,28 +92,29 @@ def test_quick_demo_writes_a_complete_finite_report(finished: Path) -> None:
     assert "| model |" in markdown and "recursify convert" in markdown
 
 
+@pytest.mark.slow  # runs recursify demo --quick (once per module)
 def test_rerun_reuses_every_step(finished: Path, source: Path, capsys: pytest.CaptureFixture[str]) -> None:
     before = (finished / "report.json").read_text()
-    argv = ["demo", "--quick", "--model", str(source), "--out", str(finished), "--tasks", str(source / "tiny_mc" / "task.json")]
-    assert main(argv) == 0
+    assert main(demo_argv(source, finished)) == 0
     err = capsys.readouterr().err
     assert "reused" in err and "continuing the run" in err
     after = json.loads((finished / "report.json").read_text())
     assert after["models"] == json.loads(before)["models"]
 
 
+@pytest.mark.slow  # runs recursify demo --quick (once per module)
 def test_interrupted_uptraining_resumes_from_its_checkpoint(finished: Path, source: Path) -> None:
     """A kill after the last checkpoint but before the step's marker: the rerun resumes, it does not retrain."""
     key = "uptrain--relaxed-l3-svd-r64"
     (finished / "state" / f"{key}.json").unlink()
-    argv = ["demo", "--quick", "--model", str(source), "--out", str(finished), "--tasks", str(source / "tiny_mc" / "task.json")]
-    assert main(argv) == 0
+    assert main(demo_argv(source, finished)) == 0
     last_command = (finished / "logs" / f"{key}.log").read_text().splitlines()
     assert [line for line in last_command if line.startswith("$ ")][-1].endswith("--resume")
     marker = json.loads((finished / "state" / f"{key}.json").read_text())
     assert marker["command"].endswith(str(finished / "uptrain" / "relaxed-l3-svd-r64"))  # recorded without --resume
 
 
+@pytest.mark.slow  # runs recursify demo --quick (once per module)
 def test_changed_options_are_refused_in_one_line(finished: Path, source: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--quick", "--model", str(source), "--out", str(finished), "--seed", "3"]) == 2
     err = capsys.readouterr().err

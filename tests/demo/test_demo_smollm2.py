@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 
 import pytest
-from test_demo import numbers
 
+from helpers import numbers
 from recursify.cli import main
 from recursify.demo.report import HEADLINE_KEYS, PLOTS
 

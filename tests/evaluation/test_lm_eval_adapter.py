@@ -1,13 +1,14 @@
 """The lm-eval model type ``recursify``: lm-eval's own evaluator on local task YAMLs reading local JSON.
 
-References: our batched scorer for the expected accuracy, transformers' model for rolling
-log-likelihoods and greedy generation.
+References: our batched scorer for the expected accuracy, transformers' model (over lm-eval's own
+rolling windows) for rolling log-likelihoods and word perplexity, and for greedy generation.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 import pytest
@@ -19,6 +20,7 @@ import lm_eval  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.api.registry import get_model  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window  # noqa: E402
 
 from recursify.evaluation.lm_eval_adapter import RecursifyLM  # noqa: E402
 from recursify.evaluation.loglikelihood import continuation_logprobs, encode_pair  # noqa: E402
@@ -113,21 +115,33 @@ def test_rolling_task_through_lm_evals_evaluator(setup: dict[str, Any]) -> None:
         log_samples=False,
     )
     assert results is not None
-    assert math.isfinite(results["results"]["toy_rolling"]["word_perplexity,none"])
+    texts = [doc["question"] for doc in DOCS]
+    words = sum(len(re.split(r"\s+", text)) for text in texts)  # lm-eval's word count
+    lm: RecursifyLM = setup["lm"]
+    loglikelihood = sum(reference_rolling(setup["reference"], lm, text, lm.max_length) for text in texts)
+    assert results["results"]["toy_rolling"]["word_perplexity,none"] == pytest.approx(math.exp(-loglikelihood / words), rel=1e-5)
+
+
+def reference_rolling(reference: Any, lm: RecursifyLM, text: str, max_length: int) -> float:
+    """log P(text) as lm-eval's HF model scores it: its rolling disjoint windows, each through transformers' model."""
+    tokens = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+    total = 0.0
+    for context, targets in map(make_disjoint_window, get_rolling_token_windows(tokens, lm.prefix_token, max_length, 1)):
+        inputs = (context + targets)[:-1]
+        with torch.no_grad():
+            logp = reference(torch.tensor([inputs])).logits[0, -len(targets) :].log_softmax(-1)
+        total += float(logp.gather(-1, torch.tensor(targets)[:, None]).sum())
+    return total
 
 
 def test_loglikelihood_rolling_equals_the_reference(setup: dict[str, Any]) -> None:
     lm: RecursifyLM = setup["lm"]
     text = "the quick brown fox jumps over the lazy dog " * 3
     request = Instance("loglikelihood_rolling", {}, (text,), 0)
-    ids = [lm.prefix_token] + lm.tokenizer(text, add_special_tokens=False)["input_ids"]
-    with torch.no_grad():
-        logp = setup["reference"](torch.tensor([ids[:-1]])).logits[0].log_softmax(-1)
-    expected = float(logp.gather(-1, torch.tensor(ids[1:])[:, None]).sum())
     short = RecursifyLM(model=lm.model, max_length=16)  # forces several windows
     for adapter in (lm, short):
         [value] = adapter.loglikelihood_rolling([request])
-        assert value == pytest.approx(expected, rel=1e-5) if adapter is lm else math.isfinite(value)
+        assert value == pytest.approx(reference_rolling(setup["reference"], lm, text, adapter.max_length), rel=1e-5)
     assert lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, ("",), 0)]) == [0.0]
 
 

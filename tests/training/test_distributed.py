@@ -23,6 +23,7 @@ from recursify.training.uptrain import uptrain
 STEPS = 6
 
 
+@pytest.mark.slow  # launches two accelerate processes
 def test_two_processes_match_one_process(tiny_run, tmp_path) -> None:
     launcher = shutil.which("accelerate", path=os.path.dirname(sys.executable))
     if launcher is None:

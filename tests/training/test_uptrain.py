@@ -31,6 +31,7 @@ def _config(tiny_run, out: Path, **overrides) -> UptrainConfig:
     return UptrainConfig(str(tiny_run["student"]), str(out), str(tiny_run["source"]), str(tiny_run["data"]), **options)
 
 
+@pytest.mark.slow  # 200 KD steps; the fast tier still runs KD in the exit, healing and resume tests
 def test_kd_drives_student_teacher_kl_down(tiny_run, tmp_path) -> None:
     config = _config(tiny_run, tmp_path / "run", tokens=200 * 64, lr=5e-3, eval_tokens=2048, save_every=0)
     summary = uptrain(config)

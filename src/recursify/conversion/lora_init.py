@@ -1,4 +1,4 @@
-"""LoRA factors for one depth: truncated SVD of the residual to the shared weight (METHOD.md section 3).
+"""LoRA factors for one depth: truncated SVD of the residual to the shared weight (docs/method.md section 3).
 
 At full rank ``B @ A`` reproduces the residual exactly, so the relaxed model equals the original.
 """

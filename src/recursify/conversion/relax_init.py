@@ -7,8 +7,9 @@ residual W_d - W', so there are two ways to place the frozen factors:
 - per visit (chosen): each depth keeps its own (a)svd factors, frozen; R_v is that depth's core.
   With A_v = V_r^T (asvd: the whitened right singular vectors mapped back), B_v = U_r and
   R_v = diag(S_r), B_v R_v A_v is exactly the rank-r (a)svd LoRA, so the converted model equals
-  the plain LoRA model at init: no quality is given up at conversion, which FINDINGS.md shows
-  decides most of the outcome on a CPU. The frozen factors cost storage like LoRA, but no
+  the plain LoRA model at init: no quality is given up at conversion, and on a CPU the init
+  decides most of the outcome (README.md "Results": after the same KD the asvd conversion keeps
+  its lead over plain SVD). The frozen factors cost storage like LoRA, but no
   gradients or optimizer state; trainable parameters are r^2 per linear per depth, independent
   of width.
 - shared across visits (one SVD of the stacked residuals, R_v fitted by least squares): stores

@@ -1,4 +1,4 @@
-"""Initialising shared layers from the original ones: Stepwise, Average, Lower, Random (METHOD.md section 2).
+"""Initialising shared layers from the original ones: Stepwise, Average, Lower, Random (docs/method.md section 2).
 
 ``init_sources`` says which original depths feed each shared layer; ``tie`` combines their tensors.
 """

@@ -1,6 +1,6 @@
 """Per-loop (static early exit) quality and oracle exit trajectories, accumulated over scored tokens.
 
-Every loop end is an exit (METHOD.md section 5): the final norm + LM head applied to the hidden
+Every loop end is an exit (docs/method.md section 6): the final norm + LM head applied to the hidden
 state after loop b. For each exit we accumulate, over all scored tokens,
 
 - the next-token negative log-likelihood (-> perplexity if every token exited there),

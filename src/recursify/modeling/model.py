@@ -268,7 +268,7 @@ def rope_buffer_name(layer_type: str) -> str:
 
 
 def parameter_group(name: str) -> str:
-    """Which accounting group a parameter belongs to (METHOD.md section 3)."""
+    """Which accounting group a parameter belongs to (docs/method.md section 8)."""
     if name.startswith(("embed.", "lm_head.")):
         return "embedding"
     if name.rsplit(".", 1)[-1] in ("lora_A", "lora_B", "lora_R", "bias_delta", "prefix_keys", "prefix_values"):

@@ -1,4 +1,4 @@
-"""Which shared layer runs at each depth: the sharing strategies of METHOD.md section 1.
+"""Which shared layer runs at each depth: the sharing strategies of docs/method.md section 1.
 
 Pure functions over integers; the model, the conversion and the serving engine all read the same
 schedule so they can never disagree about which weights, LoRA visit or KV slot a depth uses.

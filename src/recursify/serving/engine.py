@@ -3,7 +3,7 @@
 ``Engine.generate`` yields every request's output as soon as it finishes; ``Engine.stream`` yields
 each new token as it is sampled; ``add_request`` / ``step`` / ``cancel`` drive it by hand (the
 benchmark does, to replay arrival times). The same engine serves vanilla models (loops=1) and
-recursive ones; the batching policy, exit policy and KV mode are flags (METHOD.md sections 5-6).
+recursive ones; the batching policy, exit policy and KV mode are flags (docs/method.md sections 6-7).
 """
 
 from __future__ import annotations

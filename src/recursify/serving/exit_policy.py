@@ -1,4 +1,4 @@
-"""Early-exit rules (METHOD.md section 5): when a token may leave the loop stack before the last loop.
+"""Early-exit rules (docs/method.md section 6): when a token may leave the loop stack before the last loop.
 
 Pure functions. A policy is parsed once from a spec string; at every loop end the runner asks
 whether that loop needs the exit head at all (``needs_logits``) and, if so, which rows leave

@@ -108,11 +108,6 @@ class KVPool:
         """Bytes held by the buffers (0 before the first write)."""
         return 0 if self._keys is None or self._values is None else self._keys.nbytes + self._values.nbytes
 
-    def bytes_per_token(self, dtype: torch.dtype) -> int:
-        """Bytes one position costs over all depths (keys and values) when stored in ``dtype``."""
-        _, depths, _, heads, head_dim = self.shape
-        return 2 * depths * heads * head_dim * torch.empty((), dtype=dtype).element_size()
-
     def write(self, blocks: torch.Tensor, offsets: torch.Tensor, depths: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
         """Store rows: blocks/offsets/depths [rows] (long), key/value [rows, kv_heads, head_dim]."""
         if self._keys is None or self._values is None:

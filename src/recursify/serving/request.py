@@ -19,9 +19,6 @@ class RequestStatus(enum.Enum):
     FINISHED = "finished"
 
 
-FINISH_REASONS = ("length", "stop", "cancelled")
-
-
 @dataclass
 class Request:
     """A prompt to continue, with its limits and progress.
@@ -33,6 +30,7 @@ class Request:
         sampling: decoding rule; each request samples with its own seeded generator.
         stop_token_ids: tokens that end the request (emitted, then finished with reason "stop").
         arrival_time: when it was submitted (engine clock, seconds).
+        finish_reason: once finished, "length", "stop" or "cancelled".
         computed: positions whose chunk has left the loop stack (all loops, or an early exit).
         loop: the loop the chunk in flight runs next.
         chunk_len: length of the chunk in flight (0 when none has started).

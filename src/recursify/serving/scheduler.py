@@ -3,7 +3,7 @@
 Modelled on vLLM v1: ``schedule() -> StepPlan`` picks the work items, a runner executes the plan
 on the model, and ``update_from_output(plan, output)`` advances every request. One step runs the
 shared block (one loop) once over all items; an item is one request's chunk in flight at its
-current loop. Batching policies differ only in *when* new chunks may start (METHOD.md section 6):
+current loop. Batching policies differ only in *when* new chunks may start (docs/method.md section 7):
 
 - ``depthwise``: every step; a request whose token left the stack starts its next token at once,
   and a freed slot is refilled by a waiting request at the next loop boundary.

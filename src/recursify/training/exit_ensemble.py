@@ -9,10 +9,11 @@ W is lower-triangular, (B - 1) x (B - 1), initialised to the identity (so q_b is
 own distribution until trained). The last exit (b = B) is always the model's own output, so an
 ensemble never changes what the full-depth model predicts.
 
-The weights live beside the checkpoint in ``exit_ensemble.safetensors``. Serving code calls
-``attach_exit_ensemble(model, directory)`` once after ``recursify.load`` and then
-``exit_distribution(model, exit_logits, b)`` at every exit; without an attached ensemble that is
-plain softmax(exit b).
+The weights live beside the checkpoint in ``exit_ensemble.safetensors``. Code that wants the
+ensembled exits calls ``attach_exit_ensemble(model, directory)`` once after ``recursify.load`` and
+then ``exit_distribution(model, exit_logits, b)`` at every exit; without an attached ensemble that
+is plain softmax(exit b). The serving engine and ``recursify eval`` read the plain exit logits and
+do not apply an ensemble (docs/method.md section 6).
 """
 
 from __future__ import annotations

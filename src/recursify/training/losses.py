@@ -14,8 +14,6 @@ import torch.nn.functional as F
 from recursify.errors import ConfigError
 from recursify.training.config import KD_KINDS, LossConfig, parse_exit_loss
 
-EXIT_LOSSES = ("none", "weighted", "aggressive:C")
-
 
 def next_token_ce(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of predicting token t+1 from position t ([batch, seq, vocab], [batch, seq])."""
@@ -51,7 +49,7 @@ def kd_divergence(
 
 
 def exit_loss_weights(spec: str, num_exits: int) -> list[float]:
-    """Weight of each exit b = 1..B in the training loss (METHOD.md section 5).
+    """Weight of each exit b = 1..B in the training loss (docs/method.md section 6).
 
     none: only the last exit (1 for b = B, 0 elsewhere); weighted: alpha_b = b / sum(1..B);
     aggressive:C: 1 for the last exit and C for every earlier one.
