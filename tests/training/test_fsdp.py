@@ -11,6 +11,7 @@ sharded checkpoints. What they show:
   single-process reference computes each use's share apart);
 - the 2-process FSDP loss curve equals the 1-process one (same global batches) within rel 1e-4, and
   its consolidated model.safetensors opens with ``recursify.load`` on one process;
+- the shipped config's bf16 mixed precision trains within 3% of the fp32 curve and saves fp32 weights;
 - sharded save -> SIGKILL -> resume continues bit-identically to an uninterrupted FSDP run.
 """
 
@@ -47,14 +48,19 @@ OPTIONS = dict(tokens=STEPS * 128, seq_len=16, batch_tokens=128, micro_batch=2, 
 OPTIONS |= dict(save_every=SAVE_EVERY, eval_tokens=256, quiet=True)
 
 
-@pytest.fixture(scope="module")
-def fsdp_config(tmp_path_factory) -> Path:
-    """configs/fsdp.yaml's FSDP settings on 2 CPU processes, fp32 (the CPU has no bf16 FSDP path to compare against)."""
+def _cpu_config(directory: Path, mixed_precision: str) -> Path:
+    """configs/fsdp.yaml's FSDP settings on 2 CPU processes."""
     config = yaml.safe_load((ROOT / "configs" / "fsdp.yaml").read_text())
-    config.update(num_processes=2, use_cpu=True, mixed_precision="no", main_process_port=0)
-    path = tmp_path_factory.mktemp("fsdp") / "fsdp-2cpu.yaml"
+    config.update(num_processes=2, use_cpu=True, mixed_precision=mixed_precision, main_process_port=0)
+    path = directory / f"fsdp-2cpu-{mixed_precision}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+@pytest.fixture(scope="module")
+def fsdp_config(tmp_path_factory) -> Path:
+    """In fp32, so that sharded and unsharded runs can be compared tightly (the bf16 config has its own test)."""
+    return _cpu_config(tmp_path_factory.mktemp("fsdp"), "no")
 
 
 def _launch(fsdp_config: Path, args: list[str], **popen: Any) -> subprocess.Popen[str]:
@@ -118,7 +124,19 @@ def test_fsdp_follows_the_single_process_loss_curve(tiny_run, fsdp_run, tmp_path
     assert rows == [full_rows // 2, full_rows - full_rows // 2]
 
 
-@pytest.mark.slow  # three 2-process launches (~1 min)
+@pytest.mark.slow  # one more 2-process launch
+def test_fsdp_with_the_shipped_bf16_mixed_precision_trains_close_to_fp32(tiny_run, fsdp_run, tmp_path) -> None:
+    """configs/fsdp.yaml's own precision: FSDP2 keeps fp32 master weights, computes in bf16 (+ uptrain's bf16 autocast)."""
+    out = tmp_path / "bf16"
+    _run(_cpu_config(tmp_path, "bf16"), _uptrain_args(tiny_run, out, "--precision", "bf16"))
+    bf16, fp32 = _train_losses(out), _train_losses(fsdp_run)
+    assert [s for s, _ in bf16] == [s for s, _ in fp32]
+    assert [loss for _, loss in bf16] == pytest.approx([loss for _, loss in fp32], rel=3e-2)
+    assert [loss for _, loss in bf16] != [loss for _, loss in fp32]  # it did compute in bf16
+    assert {tensor.dtype for tensor in load_file(str(out / "model.safetensors")).values()} == {torch.float32}
+
+
+@pytest.mark.slow  # two 2-process launches (~1 min)
 def test_fsdp_resume_after_sigkill_is_exact(tiny_run, fsdp_config, fsdp_run, tmp_path) -> None:
     killed = tmp_path / "killed"
     process = _launch(fsdp_config, _uptrain_args(tiny_run, killed))
