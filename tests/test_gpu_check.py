@@ -27,11 +27,13 @@ def test_dry_run_runs_every_step_and_writes_the_summary(tmp_path: Path) -> None:
         "tests": "ok",
         "convert": "ok",
         "uptrain": "ok",
+        "uptrain_compile": "skipped",
         "bench_serve": "ok",
     }
     assert summary["tests"]["passed"] > 0 and summary["tests"]["failed"] == [] and summary["tests"]["device"] == "cpu"
     uptrain = summary["uptrain"]
     assert uptrain["steps"] > 0 and uptrain["tokens_per_s_steady"] > 0 and uptrain["flops_per_token"] > 0
+    assert uptrain["peak_flops"] == 1e12 and uptrain["fused_adamw"] is False  # --peak-flops from GPU_CHECK_PEAK_FLOPS; CPU: unfused
     assert uptrain["mfu"] == pytest.approx(uptrain["tokens_per_s_steady"] * uptrain["flops_per_token"] / 1e12)
     rows = {row["name"].split()[0]: row for row in summary["bench_serve"]["rows"]}
     assert {"1", "2", "3", "4", "5"} <= set(rows) and all(rows[r]["tokens_per_s"] > 0 for r in "12345")

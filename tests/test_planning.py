@@ -9,12 +9,15 @@ import torch
 
 from recursify import convert
 from recursify.cli import main
+from recursify.config import RecursionConfig
 from recursify.errors import ConfigError, SourceError
 from recursify.planning import (
     TrainPlanConfig,
     activation_bytes_per_visit,
     count_params,
+    model_flops_per_token,
     parse_bytes,
+    peak_flops,
     plan_training,
     resolve_architecture,
 )
@@ -161,3 +164,14 @@ def test_cli_prints_the_table_and_json(tmp_path, capsys) -> None:
     assert payload["student"]["total"] == 63_736_128 and payload["checkpointing"]["micro_batch"] == 34
     assert main(["plan-train", "--model", "qwen2.5-1.5b", "--loops", "3"]) == 2
     assert "valid loops" in capsys.readouterr().err
+
+
+def test_flops_per_token_and_known_peaks() -> None:
+    arch, _ = resolve_architecture("smollm2-135m")
+    counts = count_params(arch, RecursionConfig(loops=1))
+    # 134,479,872 weights per token; L*s*q = 30 * 2048 * 576 = 35,389,440.
+    assert model_flops_per_token(arch, counts, 2048, training=True) == 6 * 134_479_872 + 12 * 35_389_440
+    assert model_flops_per_token(arch, counts, 2048, training=False) == 2 * 134_479_872 + 4 * 35_389_440
+    assert peak_flops("NVIDIA H100 80GB HBM3", "bf16") == 989e12 and peak_flops("NVIDIA A100-SXM4-80GB", "bf16") == 312e12
+    assert peak_flops("NVIDIA L4", "bf16") == 121e12 and peak_flops("NVIDIA L40S", "bf16") == 362e12  # L4 is not L40S
+    assert peak_flops("NVIDIA H100 80GB HBM3", "fp32") is None and peak_flops("Some Future GPU", "bf16") is None

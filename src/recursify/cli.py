@@ -155,6 +155,7 @@ def cmd_uptrain(args: argparse.Namespace) -> None:
     fields = ["tokens", "cpu_minutes", "seq_len", "batch_tokens", "micro_batch", "lr", "min_lr_ratio", "warmup_steps"]
     fields += ["weight_decay", "clip"]
     fields += ["exit_ensemble", "precision", "gradient_checkpointing", "save_every", "eval_every", "eval_tokens", "seed"]
+    fields += ["compile", "fused_adamw", "stream", "peak_flops"]
     options = {name: getattr(args, name) for name in fields}
     config = UptrainConfig(args.student, args.out, teacher, args.data, loss=loss, freeze=args.freeze or [], **options)
     config.resume, config.overwrite, config.quiet = args.resume, args.overwrite, args.quiet
@@ -215,7 +216,22 @@ def _add_training_commands(sub: Any) -> None:
     up.add_argument("--exit-ensemble", action="store_true", help="learn weights combining exits 1..b at exit b")
     up.add_argument("--freeze", action="append", metavar="PATTERN", help="freeze matching parameters; '!PATTERN' keeps them (repeat)")
     _add_training_precision(up, run.precision)
-    up.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations to save memory")
+    up.add_argument("--gradient-checkpointing", action="store_true", help="recompute each layer visit's activations to save memory")
+    up.add_argument("--compile", action="store_true", help="torch.compile each shared layer")
+    up.add_argument(
+        "--fused-adamw",
+        action=argparse.BooleanOptionalAction,
+        default=run.fused_adamw,
+        help="AdamW's fused kernel (default: on CUDA devices)",
+    )
+    stream_help = "stream the data, each process its own share, one pass (default: for hf: datasets; else all in memory)"
+    up.add_argument("--stream", action=argparse.BooleanOptionalAction, default=run.stream, help=stream_help)
+    up.add_argument(
+        "--peak-flops",
+        type=float,
+        default=run.peak_flops,
+        help="one device's peak FLOP/s, for the MFU log (default: known GPUs' bf16 peak)",
+    )
     up.add_argument("--save-every", type=int, default=run.save_every, help="checkpoint every N steps, 0 = end only")
     up.add_argument("--eval-every", type=int, default=run.eval_every, help="held-out evaluation every N steps (default: start and end)")
     up.add_argument("--eval-tokens", type=_count_or_zero, default=run.eval_tokens, help="held-out tokens per evaluation, 0 = none")

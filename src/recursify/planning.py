@@ -58,6 +58,8 @@ RESERVE_PERCENT = 10  # of GPU memory: CUDA context, NCCL buffers, allocator fra
 PAPER_BATCH_TOKENS = 1024 * 2048  # the paper's ~2M-token batches: 1024 sequences of 2048
 PAPER_TOKEN_BUDGETS = (15 * 10**9, 60 * 10**9)
 WEIGHT_BYTES, GRAD_BYTES, ADAM_BYTES, TEACHER_BYTES = 2, 2, 12, 2
+# Dense bf16 tensor-core peak FLOP/s per device, by a word of its CUDA name (see ``peak_flops``).
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12}
 
 # Published config.json values of the Hugging Face checkpoints (google/gemma-2b, Qwen/Qwen2.5-1.5B,
 # HuggingFaceTB/SmolLM2-135M), copied for planning without network access; only the fields that set
@@ -338,8 +340,8 @@ def plan_training(config: TrainPlanConfig) -> TrainPlan:
     free = usable - sum(memory.values())
     full = _fit(arch.num_layers * per_visit + outside, free, config)
     checkpointed = _fit(arch.num_layers * 4 * arch.hidden_size + per_visit + outside, free, config)
-    attention = arch.num_layers * config.seq_len * arch.num_heads * arch.head_dim
-    flops = 6 * student.matmul_per_token + 12 * attention + 2 * teacher.matmul_per_token + 4 * attention
+    flops = model_flops_per_token(arch, student, config.seq_len, training=True)
+    flops += model_flops_per_token(arch, teacher, config.seq_len, training=False)
     tokens_per_s = config.mfu * gpus * config.gpu_flops / flops
     return TrainPlan(
         config=config,
@@ -357,6 +359,28 @@ def plan_training(config: TrainPlanConfig) -> TrainPlan:
         tokens_per_s=tokens_per_s,
         hours={tokens: tokens / tokens_per_s / 3600 for tokens in PAPER_TOKEN_BUDGETS},
     )
+
+
+def model_flops_per_token(arch: ArchConfig, counts: ParamCounts, seq_len: int, training: bool) -> int:
+    """Model FLOPs per token (PaLM's convention): ``6N + 12Lsq`` for a training step, ``2N + 4Lsq`` for a forward.
+
+    N = ``counts.matmul_per_token``, L = depths, s = sequence length, q = heads x head_dim. Shared by
+    ``plan-train`` (its tokens/s) and ``uptrain`` (the MFU it logs), so both count the same work.
+    """
+    attention = arch.num_layers * seq_len * arch.num_heads * arch.head_dim
+    return (6 * counts.matmul_per_token + 12 * attention) if training else (2 * counts.matmul_per_token + 4 * attention)
+
+
+def peak_flops(device_name: str, precision: str) -> float | None:
+    """Dense bf16 peak FLOP/s of one accelerator from its name (``torch.cuda.get_device_name``); None when unknown.
+
+    Values from the vendors' data sheets (tensor cores, no sparsity). fp32 gets None: its peak depends
+    on whether TF32 tensor cores are enabled, and CPUs are not in the table either (cores, clocks and
+    vector units vary), so for those ``uptrain --peak-flops`` declares the peak.
+    """
+    if precision != "bf16":
+        return None
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if re.search(rf"\b{key}\b", device_name)), None)
 
 
 def _share(nbytes: int, gpus: int, sharded: bool) -> int:

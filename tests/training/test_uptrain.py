@@ -21,7 +21,7 @@ from recursify.training.checkpointing import latest_checkpoint
 from recursify.training.config import LossConfig, UptrainConfig
 from recursify.training.metrics import read_metrics
 from recursify.training.params import apply_freeze, enable_gradient_checkpointing
-from recursify.training.uptrain import uptrain
+from recursify.training.uptrain import UptrainRun, uptrain
 
 SMALL = dict(seq_len=16, batch_tokens=64, micro_batch=2, precision="fp32", quiet=True, eval_tokens=0)
 
@@ -145,3 +145,110 @@ def test_resume_after_sigkill_is_exact(tiny_run, tmp_path) -> None:
     assert losses == [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "straight" / "metrics.jsonl") if r["event"] == "train"]
     state = json.loads((killed / "training" / "LATEST").read_text() and (latest_checkpoint(killed).directory / "state.json").read_text())
     assert state["step"] == 40 and state["tokens_seen"] == 40 * 64
+
+
+def test_streamed_run_resumes_exactly_after_an_interruption(tiny_run, tmp_path, monkeypatch) -> None:
+    def config(out: Path, **extra) -> UptrainConfig:
+        return _config(tiny_run, out, tokens=6 * 64, lr=1e-3, save_every=2, stream=True, **extra)
+
+    straight = uptrain(config(tmp_path / "straight"))
+    assert straight["streamed"] and straight["epochs"] is None and straight["steps_run"] == 6
+    original = UptrainRun.train_step
+
+    def interrupted(self: UptrainRun) -> dict[str, float] | None:
+        if self.step == 5:
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(UptrainRun, "train_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        uptrain(config(tmp_path / "killed"))
+    monkeypatch.undo()
+    assert latest_checkpoint(tmp_path / "killed").step == 4
+    uptrain(config(tmp_path / "killed", resume=True))  # skips the 16 rows steps 1-4 consumed, then reads on
+    resumed, reference = load(tmp_path / "killed").state_dict(), load(tmp_path / "straight").state_dict()
+    assert all(torch.equal(resumed[name], reference[name]) for name in reference)
+    losses = [[(r["step"], r["loss"]) for r in read_metrics(run / "metrics.jsonl")] for run in (tmp_path / "killed", tmp_path / "straight")]
+    assert losses[0] == losses[1]
+
+
+def test_a_streamed_share_running_out_ends_the_run_with_a_checkpoint(tiny_run, tmp_path, capsys) -> None:
+    from recursify.data import stream_rows
+
+    docs = [f"a short document number {i}." for i in range(30)]
+    (tmp_path / "small.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    rows = sum(1 for _ in stream_rows(str(tmp_path / "small.jsonl"), load(tiny_run["student"]).tokenizer, 16, "train", 0))
+    config = _config(tiny_run, tmp_path / "run", tokens=10**6, lr=1e-3, save_every=0, stream=True)
+    config.data = str(tmp_path / "small.jsonl")
+    summary = uptrain(config)
+    assert summary["data_exhausted"] and summary["steps_run"] == rows // 4 < summary["steps"]  # 4 rows of 16 per step
+    assert latest_checkpoint(tmp_path / "run").step == rows // 4
+    assert "ran out after" in capsys.readouterr().out
+
+
+def test_tokens_per_second_and_mfu_are_logged_from_the_flops_per_token(tiny_run, tmp_path) -> None:
+    summary = uptrain(_config(tiny_run, tmp_path / "run", tokens=3 * 64, peak_flops=1e9, save_every=0))
+    # Tiny llama (h 48, 6 layers, 4 heads x 16, KV 2 x 16, MLP 80, vocab 97, untied head), loops 3, LoRA rank 4, seq 16.
+    # Weights per depth: q 48*64 + k, v 48*32 + o 64*48 + gate, up, down 48*80 = 20,736; LoRA 4*(in+out) over the seven
+    # linears = 3,072. Student N = 6 * 23,808 + head 97*48 = 147,504; teacher N = 6 * 20,736 + 4,656 = 129,072;
+    # attention L*s*q = 6*16*64 = 6,144. Student 6N + 12Lsq = 958,752; teacher forward 2N + 4Lsq = 282,720.
+    assert summary["flops_per_token"] == 958_752 + 282_720
+    records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["event"] == "train"]
+    assert len(records) == 3
+    for record in records:
+        assert record["mfu"] == pytest.approx(record["tokens_per_s"] * 1_241_472 / 1e9)
+    assert summary["mfu"] == pytest.approx(summary["tokens_per_s"] * 1_241_472 / 1e9)
+    plain = uptrain(_config(tiny_run, tmp_path / "plain", tokens=64, save_every=0))  # no known peak on a CPU: no MFU
+    assert plain["peak_flops"] is None and plain["mfu"] is None
+    assert "mfu" not in read_metrics(tmp_path / "plain" / "metrics.jsonl")[0]
+
+
+def test_fused_adamw_follows_the_unfused_loss_curve(tiny_run, tmp_path) -> None:
+    runs = {fused: uptrain(_config(tiny_run, tmp_path / str(fused), tokens=6 * 64, lr=3e-3, fused_adamw=fused)) for fused in (False, True)}
+    assert runs[True]["fused_adamw"] and not runs[False]["fused_adamw"]
+    curves = [[r["loss"] for r in read_metrics(tmp_path / str(fused) / "metrics.jsonl")] for fused in (False, True)]
+    assert curves[1] == pytest.approx(curves[0], rel=1e-5) and curves[0][-1] < curves[0][0]
+
+
+@pytest.mark.slow  # inductor compiles every layer once per visit: ~2 CPU-minutes on a tiny model
+def test_compiled_layers_follow_the_eager_loss_curve(tiny_run, tmp_path) -> None:
+    for compiled in (False, True):
+        uptrain(_config(tiny_run, tmp_path / str(compiled), tokens=6 * 64, lr=3e-3, compile=compiled, gradient_checkpointing=True))
+    curves = [[r["loss"] for r in read_metrics(tmp_path / str(compiled) / "metrics.jsonl")] for compiled in (False, True)]
+    assert curves[1] == pytest.approx(curves[0], rel=1e-5) and curves[0][-1] < curves[0][0]
+
+
+def test_teacher_weights_follow_bf16_training_on_a_gpu_only(tiny_run, device) -> None:
+    from recursify.training.common import open_teacher
+    from recursify.training.uptrain import _place_teacher
+
+    for precision in ("bf16", "fp32"):
+        teacher = _place_teacher(open_teacher(str(tiny_run["source"])), device, precision)
+        expected = torch.bfloat16 if device.type == "cuda" and precision == "bf16" else torch.float32
+        assert {p.dtype for p in teacher.parameters()} == {expected} and teacher.device.type == device.type
+        assert {b.dtype for b in teacher.buffers()} == {torch.float32}  # RoPE frequencies stay exact
+
+
+def test_launches_that_would_not_train_as_asked_are_refused(monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from recursify.training.uptrain import _check_launch
+
+    def launch(kind: DistributedType, processes: int = 2, fsdp2: bool = True) -> SimpleNamespace:
+        return SimpleNamespace(distributed_type=kind, num_processes=processes, is_fsdp2=fsdp2)
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    _check_launch(launch(DistributedType.MULTI_CPU))  # DDP over gloo: fine
+    with pytest.raises(ConfigError, match="DeepSpeed"):
+        _check_launch(launch(DistributedType.DEEPSPEED))
+    with pytest.raises(ConfigError, match="no GPU was found"):  # torchrun started 2, accelerate saw a world of 1
+        _check_launch(launch(DistributedType.NO, processes=1))
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ConfigError, match="FSDP on GPUs only"):  # accelerate's silent fallback on CPUs
+        _check_launch(launch(DistributedType.MULTI_CPU))
+    with pytest.raises(ConfigError, match="fsdp_version: 2"):
+        _check_launch(launch(DistributedType.FSDP, fsdp2=False))
+    _check_launch(launch(DistributedType.FSDP))

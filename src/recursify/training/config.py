@@ -16,7 +16,7 @@ from recursify.errors import ConfigError
 KD_KINDS: tuple[str, ...] = ("forward-kl", "reverse-kl", "jsd", "tvd")
 
 # Options that may differ between a run and its --resume without changing the result.
-OPERATIONAL_FIELDS = ("resume", "overwrite", "quiet", "save_every", "eval_every", "eval_tokens")
+OPERATIONAL_FIELDS = ("resume", "overwrite", "quiet", "save_every", "eval_every", "eval_tokens", "peak_flops")
 
 
 def parse_exit_loss(spec: str) -> tuple[str, float]:
@@ -95,7 +95,14 @@ class UptrainConfig:
         precision: "auto" (bf16 autocast where the hardware has bf16 units: CUDA GPUs that support it,
             CPUs with AVX512-BF16/AMX; fp32 elsewhere, since emulated bf16 is many times slower),
             "bf16" or "fp32".
-        gradient_checkpointing: recompute layer activations in the backward pass.
+        gradient_checkpointing: recompute each shared-layer visit's activations in the backward pass.
+        compile: ``torch.compile`` each shared layer's forward (one compiled graph per visit).
+        fused_adamw: AdamW's fused kernel; None = on CUDA devices, off elsewhere.
+        stream: read the training data as a stream, each process its own share, rows in stream order
+            (one pass, nothing held in memory); None = stream ``hf:`` datasets and load other sources
+            in memory, where each step's rows are a seeded draw over the packed budget.
+        peak_flops: peak FLOP/s of one device, for the MFU logged per step; None = the known
+            bf16 peak of the GPU model (``planning.peak_flops``), else MFU is not logged.
         save_every: checkpoint every N optimizer steps (0 = only at the end).
         eval_every: held-out evaluation every N steps (0 = only before and after training).
         eval_tokens: held-out tokens per evaluation (0 = no evaluation).
@@ -124,6 +131,10 @@ class UptrainConfig:
     freeze: list[str] = field(default_factory=list)
     precision: str = "auto"
     gradient_checkpointing: bool = False
+    compile: bool = False
+    fused_adamw: bool | None = None
+    stream: bool | None = None
+    peak_flops: float | None = None
     save_every: int = 200
     eval_every: int = 0
     eval_tokens: int = 16_384
@@ -143,6 +154,8 @@ class UptrainConfig:
             raise ConfigError(f"--cpu-minutes must be positive, got {self.cpu_minutes}")
         if not self.lr > 0:
             raise ConfigError(f"--lr must be positive, got {self.lr}")
+        if self.peak_flops is not None and not (self.peak_flops > 0 and math.isfinite(self.peak_flops)):
+            raise ConfigError(f"--peak-flops must be a positive number of FLOP/s (e.g. 989e12), got {self.peak_flops}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
         nonnegative = {"weight_decay": self.weight_decay, "clip": self.clip, "save_every": self.save_every}
@@ -163,6 +176,11 @@ class UptrainConfig:
     def data_spec(self) -> str:
         """The data source; ``teacher:<tokens>`` (sequence-level distillation data) by default."""
         return self.data if self.data is not None else f"teacher:{self.tokens}"
+
+    @property
+    def streamed(self) -> bool:
+        """Whether the training rows are streamed (``stream``, or by default for ``hf:`` datasets)."""
+        return self.stream if self.stream is not None else self.data_spec.startswith("hf:")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,4 +1,4 @@
-"""Which parameters train (``--freeze``), their optimizer groups, and activation checkpointing."""
+"""Which parameters train (``--freeze``), their optimizer groups, activation checkpointing and compilation of the layers."""
 
 from __future__ import annotations
 
@@ -64,16 +64,33 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     """Recompute each shared layer's activations in the backward pass instead of storing them.
 
     Trades ~30% more compute for memory linear in the number of depths rather than in the
-    activations of every depth. The core model has no hook for this, so each layer's bound
-    ``forward`` is wrapped in place; parameter names and the state dict are unchanged.
+    activations of every depth: one checkpoint per layer *visit*, since the wrapped forward runs
+    once per depth. The core model has no hook for this, so each layer's bound ``forward`` is
+    wrapped in place (whatever its signature); parameter names and the state dict are unchanged,
+    and FSDP's per-layer hooks (which live in ``__call__``) still gather the weights around it.
     """
-    layers = getattr(model, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise ConfigError("gradient checkpointing needs a RecursiveModel (a module with .layers)")
-    for layer in layers:
+    for layer in _shared_layers(model):
         inner = layer.forward
 
         def checkpointed(*args: Any, _inner: Any = inner) -> torch.Tensor:
             return checkpoint(_inner, *args, use_reentrant=False)
 
         setattr(layer, "forward", checkpointed)  # noqa: B010 - an instance attribute shadows the method
+
+
+def compile_layers(model: nn.Module) -> None:
+    """``torch.compile`` each shared layer's forward in place (after checkpointing, if any, so it is compiled too).
+
+    Only the layers: they are where the FLOPs are, and a layer's graph depends on the visit (an int),
+    so each layer compiles once per depth it serves. As with checkpointing, the bound ``forward`` is
+    replaced, so names, the state dict and FSDP's per-layer wrapping are unchanged.
+    """
+    for layer in _shared_layers(model):
+        setattr(layer, "forward", torch.compile(layer.forward))  # noqa: B010 - an instance attribute shadows the method
+
+
+def _shared_layers(model: nn.Module) -> nn.ModuleList:
+    layers = getattr(model, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ConfigError("activation checkpointing and compilation need a RecursiveModel (a module with .layers)")
+    return layers
