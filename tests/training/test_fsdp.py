@@ -97,6 +97,7 @@ def fsdp_run(tiny_run, fsdp_config, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow  # a 2-process launch (~30 s): kept out of the fast tier (make check < 2 min)
 def test_fsdp_follows_the_single_process_loss_curve(tiny_run, fsdp_run, tmp_path) -> None:
     config = UptrainConfig(str(tiny_run["student"]), str(tmp_path / "single"), str(tiny_run["source"]), str(tiny_run["data"]), **OPTIONS)
     uptrain(config)
@@ -181,6 +182,7 @@ if accelerator.is_main_process:
 """
 
 
+@pytest.mark.slow  # a 2-process launch (~20 s)
 def test_tied_weights_get_every_use_gradient_under_fsdp(fsdp_config, tmp_path) -> None:
     """Shared layer 0 runs at depths 0 and 10 (20 layers, loops 2); the embedding is also the LM head (Qwen2 ties them)."""
     source = tiny_model("qwen2", seed=1, num_hidden_layers=20)
