@@ -161,8 +161,9 @@ def cmd_uptrain(args: argparse.Namespace) -> None:
     config.resume, config.overwrite, config.quiet = args.resume, args.overwrite, args.quiet
     quiet_transformers()
     summary = uptrain(config)
-    print(json.dumps(summary, indent=2))
-    print(f"saved to {args.out}")
+    if summary["process"]["index"] == 0:  # under accelerate launch, one report, not one per process
+        print(json.dumps(summary, indent=2))
+        print(f"saved to {args.out}")
 
 
 def cmd_heal(args: argparse.Namespace) -> None:

@@ -244,6 +244,7 @@ class UptrainRun:
         summary["steps_run"] = self.last_saved
         summary["data_exhausted"] = self.data_exhausted
         summary["cpu_minutes"] = self.budget.used() / 60
+        summary["process"] = {"index": self.accelerator.process_index, "count": self.accelerator.num_processes}
         return summary
 
 
