@@ -202,17 +202,94 @@ def test_stop_token_stop_string_and_cancellation() -> None:
     assert engine.kv_usage()["used_blocks"] == 0
 
 
-def test_kv_admission_waits_instead_of_overflowing() -> None:
+@pytest.mark.parametrize("batching", ["depthwise", "sequence", "static"])
+def test_kv_on_demand_preempts_and_recomputes_yet_equals_generate(batching: str) -> None:
+    """6 blocks of 8 for 4 running requests that each grow to 3: blocks come as tokens do, the newest is preempted."""
     model = _model("llama", 3)
-    prompts = [_prompt(110 + i, 10) for i in range(4)]
-    engine = _engine(model, max_batch=4, max_kv_tokens=48, block_size=8)  # room for two requests of 17 positions (3 blocks each)
+    prompts = [_prompt(110 + i, n) for i, n in enumerate((10, 3, 7, 12, 5, 9))]
+    engine = _engine(model, batching=batching, max_batch=4, max_kv_tokens=48, block_size=8)
+    done: dict[str, list[int]] = {}
     peak = 0
-    for _ in engine.stream(prompts, max_new_tokens=NEW, stop_token_ids=[]):
+    for out in engine.stream(prompts, max_new_tokens=NEW, stop_token_ids=[]):
         peak = max(peak, engine.kv_usage()["live_requests"])
-    assert peak == 2
-    assert engine.kv_usage()["used_blocks"] == 0
-    with pytest.raises(ConfigError, match="max_kv_tokens"):
-        engine.add_request(_prompt(120, 45), max_new_tokens=8)
+        if out.finished:
+            assert out.request_id not in done
+            done[out.request_id] = out.token_ids
+    assert engine.stats.preemptions > 0 and peak >= 3  # reserving prompt + max_new_tokens would have run 2 at a time
+    assert done == {f"req-{i}": _generate("llama", 3, tuple(p)) for i, p in enumerate(prompts)}
+    assert engine.kv_usage()["used_blocks"] == 0 and engine.kv_usage()["live_requests"] == 0
+
+
+@pytest.mark.parametrize("batching", ["depthwise", "sequence", "static"])
+@settings(max_examples=2, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.differing_executors])
+@given(
+    blocks=st.integers(4, 8),
+    max_batch=st.integers(2, 5),
+    chunk=st.integers(2, 8),
+    lengths=st.lists(st.integers(1, 9), min_size=3, max_size=6),
+    fixed=st.sampled_from(["none", "fixed:2"]),
+    seed=st.integers(0, 10_000),
+)
+def test_preemption_never_changes_greedy_outputs(
+    batching: str, blocks: int, max_batch: int, chunk: int, lengths: list[int], fixed: str, seed: int
+) -> None:
+    """Random tiny pools (blocks of 4; a request fits alone), batches and chunks: outputs equal the reference, none lost."""
+    model = _model("llama", 3)
+    options = {"max_batch": max_batch, "max_prefill_chunk": chunk, "exit": fixed, "max_kv_tokens": 4 * blocks, "block_size": 4}
+    engine = _engine(model, batching=batching, **options)  # the longest request holds 9 + 5 - 1 = 13 positions
+    prompts = [_prompt(seed + i, n) for i, n in enumerate(lengths)]
+    done = {out.request_id: out.token_ids for out in engine.generate(prompts, max_new_tokens=PROPERTY_NEW, stop_token_ids=[])}
+    for i, prompt in enumerate(prompts):
+        new = PROPERTY_NEW
+        reference = _generate("llama", 3, tuple(prompt), new) if fixed == "none" else truncated_greedy(model, prompt, new, 2)
+        assert done[f"req-{i}"] == reference
+    assert len(done) == len(prompts) and engine.kv_usage()["used_blocks"] == 0
+
+
+@pytest.mark.parametrize("kv_mode", ["propagate", "share"])
+def test_confidence_exits_under_preemption_finish_every_request(kv_mode: str) -> None:
+    """With early exits a recomputed prefix runs as one prefill chunk, not at the loops its tokens once exited at,
+    so later tokens may differ from an unpreempted run (documented); every request still finishes exactly once."""
+    model = _model("llama", 3)
+    spec = _median_confidences(model, [_prompt(75 + i, 16) for i in range(4)])
+    prompts = [_prompt(130 + i, n) for i, n in enumerate((10, 3, 7, 12, 5, 9))]
+    engine = _engine(model, max_batch=4, max_kv_tokens=48, block_size=8, exit=spec, kv_mode=kv_mode)
+    outputs = list(engine.generate(prompts, max_new_tokens=NEW, stop_token_ids=[]))
+    assert sorted(out.request_id for out in outputs) == [f"req-{i}" for i in range(len(prompts))]
+    assert all(len(out.token_ids) == len(out.loops_run) == NEW for out in outputs)
+    assert engine.stats.preemptions > 0 and engine.kv_usage()["used_blocks"] == 0
+
+
+def test_seeded_sampling_survives_preemption() -> None:
+    """The sampled request arrives last, so it is the one preempted; its generator resumes where it stopped."""
+    model = _model("gemma2", 2)
+    sampling = SamplingConfig(temperature=0.9, top_p=0.9, seed=7)
+    prompt = _prompt(90, 5)
+    reference = model.generate(torch.tensor([prompt]), max_new_tokens=NEW, eos_token_ids=[], sampling=sampling)[0, 5:].tolist()
+    engine = _engine(model, max_batch=4, max_kv_tokens=16, block_size=4)
+    for i in range(2):
+        engine.add_request(_prompt(91 + i, 3), max_new_tokens=NEW, stop_token_ids=[])
+    sampled = engine.add_request(prompt, max_new_tokens=NEW, sampling=sampling, stop_token_ids=[])
+    final = None
+    while engine.has_unfinished():
+        final = next((out for out in engine.step() if out.request_id == sampled and out.finished), final)
+    assert final is not None and final.preemptions > 0
+    assert final.token_ids == reference
+
+
+def test_max_new_tokens_capped_at_the_context_and_the_pool() -> None:
+    model = _model("llama", 3)
+    engine = _engine(model, max_model_len=20)
+    out = next(engine.generate([_prompt(120, 6)], max_new_tokens=100, stop_token_ids=[]))
+    assert len(out.token_ids) == 14 and out.finish_reason == "length"  # 6 + 14 = the 20-token context
+    assert out.token_ids == _generate("llama", 3, tuple(_prompt(120, 6)), 14)
+    with pytest.raises(ConfigError, match="context is 20 tokens"):
+        engine.add_request(_prompt(121, 20), max_new_tokens=1)
+    small = _engine(model, max_kv_tokens=48, block_size=8)  # a request must fit the pool alone: 49 tokens at most
+    assert small.new_tokens_allowed(45) == 4
+    with pytest.raises(ConfigError, match="KV pool holds 48 positions"):
+        small.add_request(_prompt(122, 49), max_new_tokens=8)
+    assert Engine(model, max_kv_tokens=512).max_model_len == 256  # the tiny models' max_position_embeddings
 
 
 def test_bad_options_raise_config_errors() -> None:

@@ -22,10 +22,14 @@ class EngineConfig:
         kv_mode: keys/values of early-exited tokens at deeper loops: propagate (computed later
             from the exit hidden state) or share (copied from the last computed loop).
         precision: fp32 or bf16 (autocast).
-        max_kv_tokens: KV pool size in positions (each holding every depth); requests that do not
-            fit wait for others to finish (admission control instead of out-of-memory).
+        max_kv_tokens: KV pool size in positions (each holding every depth). Blocks are allocated as
+            requests grow; when the pool runs out the newest running request is preempted (its KV freed,
+            recomputed later) and new requests wait, instead of running out of memory.
         block_size: positions per KV block.
         max_prefill_chunk: longest prompt chunk one step processes (longer prompts are chunked).
+        max_model_len: longest sequence (prompt + output) a request may reach; longer max_new_tokens
+            are capped. None: the source model's max_position_embeddings (2048 when it has none).
+            The KV pool caps it too, since a request must fit the pool alone.
     """
 
     batching: str = "depthwise"
@@ -36,6 +40,7 @@ class EngineConfig:
     max_kv_tokens: int = 16384
     block_size: int = 16
     max_prefill_chunk: int = 512
+    max_model_len: int | None = None
 
     def __post_init__(self) -> None:
         if self.batching not in BATCHING:
@@ -46,3 +51,5 @@ class EngineConfig:
             raise ConfigError(f"unknown precision {self.precision!r}; choose one of: {', '.join(PRECISIONS)}")
         if self.max_kv_tokens < self.block_size:
             raise ConfigError(f"max_kv_tokens ({self.max_kv_tokens}) must hold at least one block of {self.block_size}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ConfigError(f"max_model_len must be at least 2 (one prompt token and one new token), got {self.max_model_len}")

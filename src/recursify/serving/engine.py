@@ -16,6 +16,7 @@ from typing import Any
 
 from recursify.config import SamplingConfig
 from recursify.errors import ConfigError
+from recursify.evaluation.loglikelihood import model_max_length
 from recursify.modeling.model import RecursiveModel
 from recursify.serving.config import EngineConfig
 from recursify.serving.exit_policy import parse_exit_policy
@@ -34,6 +35,7 @@ class RequestOutput:
         new_token_ids: tokens emitted in the step that produced this snapshot.
         loops_run: per generated token, the loops it ran (B without early exits).
         oracle_loops: with exit=oracle, per token, the loops an oracle exit would have run.
+        preemptions: how often the request lost its KV blocks to older requests and was recomputed.
     """
 
     request_id: str
@@ -49,6 +51,7 @@ class RequestOutput:
     token_times: list[float] = field(default_factory=list)
     loops_run: list[int] = field(default_factory=list)
     oracle_loops: list[int] = field(default_factory=list)
+    preemptions: int = 0
 
 
 @dataclass
@@ -60,6 +63,7 @@ class EngineStats:
     schedule_s: float = 0.0
     execute_s: float = 0.0
     update_s: float = 0.0
+    preemptions: int = 0
 
 
 class Engine:
@@ -84,6 +88,7 @@ class Engine:
             oracle=self.policy.kind == "oracle",
         )
         self.runner = ModelRunner(model, self.pool, self.policy, self.config.kv_mode)
+        self.max_model_len = self.config.max_model_len or model_max_length(model)
         self.stats = EngineStats()
         self._ids = itertools.count()
         self._stops: dict[str, list[str]] = {}
@@ -111,10 +116,14 @@ class Engine:
         """Queue a prompt (text, or token ids); returns its request id.
 
         Args:
+            max_new_tokens: capped so that prompt + output fit ``max_model_len`` (see ``new_tokens_allowed``).
             stop: strings that end the request; the text is cut before the first one.
             stop_token_ids: tokens that end it (emitted); the model's EOS ids when None, [] for none.
         """
-        prompt_ids = self._encode(prompt)
+        prompt_ids = self.encode(prompt)
+        if max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        max_new_tokens = min(max_new_tokens, self.new_tokens_allowed(len(prompt_ids)))
         if stop and self.tokenizer is None:
             raise ConfigError("stop strings need a model with a tokenizer; pass stop_token_ids instead")
         eos = self._eos_ids() if stop_token_ids is None else set(stop_token_ids)
@@ -130,6 +139,23 @@ class Engine:
         if stop:
             self._stops[request.request_id] = list(stop)
         return request.request_id
+
+    def new_tokens_allowed(self, prompt_tokens: int) -> int:
+        """The most tokens a prompt of this length may generate: prompt + output fit the context and the KV pool.
+
+        A request must fit the KV pool alone (prompt + output - 1 positions), so that the oldest running
+        request can always progress once newer ones are preempted. Raises ConfigError for prompts that
+        leave no room for one new token.
+        """
+        capacity = self.allocator.capacity_tokens
+        limit = min(self.max_model_len, capacity + 1)
+        if prompt_tokens >= limit:
+            context, pool = f"the context is {self.max_model_len} tokens", f"the KV pool holds {capacity} positions"
+            which = context if limit == self.max_model_len else pool
+            raise ConfigError(
+                f"the prompt has {prompt_tokens} tokens but at most {limit - 1} fit ({which}, and one new token needs room); shorten it"
+            )
+        return limit - prompt_tokens
 
     def cancel(self, request_id: str) -> RequestOutput | None:
         """Stop a request now; returns its final output, or None if it is unknown or already finished."""
@@ -151,7 +177,9 @@ class Engine:
         t0 = time.perf_counter()
         plan = self.scheduler.schedule()
         for request_id in plan.admitted:
-            self.runner.register(request_id, self.scheduler.requests[request_id].sampling)
+            request = self.scheduler.requests[request_id]
+            if not request.preemptions:  # a resumed request keeps its sampler where it stopped
+                self.runner.register(request_id, request.sampling)
         t1 = time.perf_counter()
         with precision_context(self.config.precision, self.model.device):
             results = self.runner.execute(plan)
@@ -164,6 +192,7 @@ class Engine:
         self.stats.schedule_s += t1 - t0
         self.stats.execute_s += t2 - t1
         self.stats.update_s += t3 - t2
+        self.stats.preemptions = self.scheduler.preemptions
         return outputs
 
     def _outputs(self, events: StepEvents, now: float) -> list[RequestOutput]:
@@ -207,6 +236,7 @@ class Engine:
             token_times=list(request.token_times),
             loops_run=list(request.loops_run),
             oracle_loops=list(request.oracle_loops),
+            preemptions=request.preemptions,
         )
 
     # --- convenience --------------------------------------------------------------------------
@@ -228,9 +258,10 @@ class Engine:
                 yield output
 
     def kv_usage(self) -> dict[str, int]:
-        """KV memory accounting: blocks and positions in use, and the pool's size."""
+        """KV memory accounting: blocks and positions in use (covered by live requests' tables), and the pool's size."""
         return {
             "used_blocks": self.allocator.used_blocks,
+            "num_blocks": self.allocator.num_blocks,
             "reserved_tokens": self.allocator.reserved_tokens,
             "capacity_tokens": self.allocator.capacity_tokens,
             "pool_bytes": self.pool.nbytes(),
@@ -239,7 +270,8 @@ class Engine:
 
     # --- text ---------------------------------------------------------------------------------
 
-    def _encode(self, prompt: str | Sequence[int]) -> list[int]:
+    def encode(self, prompt: str | Sequence[int]) -> list[int]:
+        """Prompt text (tokenized, special tokens as the tokenizer adds them) or ids -> checked token ids."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ConfigError("this model has no tokenizer; pass prompts as lists of token ids")

@@ -1,12 +1,11 @@
-"""Serving KV memory: fixed-size blocks with one slot per depth, reserved per request at admission.
+"""Serving KV memory: fixed-size blocks with one slot per depth, allocated as a request's positions grow.
 
 Three parts with one job each: ``BlockAllocator`` is CPU bookkeeping (which blocks belong to which
-request; the scheduler uses it for admission control), ``KVPool`` holds the preallocated tensors
-(written and gathered by block, depth and offset), and ``PagedAttention`` is the attention core
-(modeling/attention.py) the model's own ``SharedLayer.forward`` runs on in the engine: it writes
-each packed row's keys/values into the pool at the row's depth and attends every item's queries over
-its own blocks. A request reserves every block it can ever need when it is admitted, so a running
-request never runs out of memory: requests that do not fit wait in the queue instead.
+request; the scheduler grows a request's table one block at a time and preempts when the pool runs
+out), ``KVPool`` holds the preallocated tensors (written and gathered by block, depth and offset),
+and ``PagedAttention`` is the attention core (modeling/attention.py) the model's own
+``SharedLayer.forward`` runs on in the engine: it writes each packed row's keys/values into the pool
+at the row's depth and attends every item's queries over its own blocks.
 """
 
 from __future__ import annotations
@@ -27,7 +26,12 @@ if TYPE_CHECKING:
 
 
 class BlockAllocator:
-    """Hands out KV blocks of ``block_size`` positions from a pool of ``num_blocks``."""
+    """Hands out KV blocks of ``block_size`` positions from a pool of ``num_blocks``.
+
+    An owner's table only grows (``allocate`` appends the blocks a larger position count needs) until
+    ``free`` returns all of it: requests hold blocks for what they computed plus their chunk in flight,
+    not for the most they might ever generate.
+    """
 
     def __init__(self, num_blocks: int, block_size: int):
         if num_blocks < 1 or block_size < 1:
@@ -47,24 +51,28 @@ class BlockAllocator:
 
     @property
     def reserved_tokens(self) -> int:
-        """Positions reserved by live requests (before rounding up to whole blocks)."""
+        """Positions the live owners' tables cover (before rounding up to whole blocks)."""
         return sum(self._reserved_tokens.values())
 
     def blocks_for(self, num_tokens: int) -> int:
         return math.ceil(max(num_tokens, 1) / self.block_size)
 
-    def can_allocate(self, num_tokens: int) -> bool:
-        return self.blocks_for(num_tokens) <= len(self._free)
+    def missing(self, num_tokens: int, owner: str | None = None) -> int:
+        """Blocks ``owner`` (a new owner when None) still lacks to cover ``num_tokens`` positions."""
+        held = len(self._owned.get(owner, ())) if owner is not None else 0
+        return max(self.blocks_for(num_tokens) - held, 0)
+
+    def can_allocate(self, num_tokens: int, owner: str | None = None) -> bool:
+        return self.missing(num_tokens, owner) <= len(self._free)
 
     def allocate(self, owner: str, num_tokens: int) -> tuple[int, ...]:
-        """Reserve blocks for ``num_tokens`` positions; the caller checks ``can_allocate`` first."""
-        if owner in self._owned:
-            raise ConfigError(f"request {owner!r} already holds KV blocks")
-        needed = self.blocks_for(num_tokens)
+        """Grow ``owner``'s table to cover ``num_tokens`` positions and return it; the caller checks ``can_allocate`` first."""
+        needed = self.missing(num_tokens, owner)
         if needed > len(self._free):
             raise ConfigError(f"KV pool exhausted: {needed} blocks needed, {len(self._free)} free")
-        blocks = tuple(self._free.pop() for _ in range(needed))
-        self._owned[owner], self._reserved_tokens[owner] = blocks, num_tokens
+        blocks = self._owned.get(owner, ()) + tuple(self._free.pop() for _ in range(needed))
+        self._owned[owner] = blocks
+        self._reserved_tokens[owner] = max(num_tokens, self._reserved_tokens.get(owner, 0))
         return blocks
 
     def free(self, owner: str) -> None:

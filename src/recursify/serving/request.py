@@ -2,7 +2,8 @@
 
 Positions: the prompt occupies positions 0..P-1 and the i-th generated token position P+i. A
 request always has exactly one *chunk in flight*: positions ``computed .. computed+chunk_len-1``
-(a prefill chunk, or the last generated token), currently at ``loop``.
+(a prefill chunk, or the last generated token), currently at ``loop``. A preempted request forgets
+all of this and later recomputes ``prompt + outputs so far`` as one prefill (its tokens are kept).
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ class Request:
         loops_run: per generated token, how many loops it ran before it was emitted.
         oracle_loops: with the oracle policy, per generated token, the loops an oracle would run.
         argmax_per_loop: oracle bookkeeping for the token in flight.
-        blocks: KV blocks reserved for the request at admission.
+        blocks: the request's KV blocks: they cover ``computed + chunk_len`` positions (grown as it runs).
+        preemptions: how often its KV blocks were taken back to let older requests run.
     """
 
     request_id: str
@@ -61,6 +63,7 @@ class Request:
     oracle_loops: list[int] = field(default_factory=list)
     argmax_per_loop: list[int] = field(default_factory=list)
     blocks: tuple[int, ...] = ()
+    preemptions: int = 0
     first_token_time: float | None = None
     finish_time: float | None = None
     token_times: list[float] = field(default_factory=list)
@@ -71,8 +74,13 @@ class Request:
 
     @property
     def kv_tokens_needed(self) -> int:
-        """Positions that may ever need keys/values: the prompt and every generated token but the last."""
+        """The most positions it can ever hold keys/values for: the prompt and every generated token but the last."""
         return len(self.prompt_ids) + self.max_new_tokens - 1
+
+    @property
+    def kv_tokens_in_use(self) -> int:
+        """Positions whose keys/values exist or are being computed: everything computed plus the chunk in flight."""
+        return self.computed + self.chunk_len
 
     @property
     def finished(self) -> bool:
@@ -81,6 +89,13 @@ class Request:
     def next_chunk_len(self, max_chunk: int) -> int:
         """Length of the next chunk to start: the rest of the prompt (up to ``max_chunk``) or one token."""
         return min(max_chunk, len(self.all_ids) - self.computed)
+
+    def preempt(self) -> None:
+        """Forget all computed state (keys/values, the chunk in flight at any loop); outputs stay, to be recomputed."""
+        self.status, self.blocks, self.preemptions = RequestStatus.WAITING, (), self.preemptions + 1
+        self.computed, self.loop, self.chunk_len, self.idle = 0, 0, 0, False
+        self.filled = [0] * len(self.filled)
+        self.argmax_per_loop = []
 
     def chunk_emits(self) -> bool:
         """Whether the chunk in flight ends at the last known token, so its last position yields a new token."""

@@ -72,8 +72,9 @@ class ModelRunner:
         generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
         self.sampling[request_id] = (sampling, generator)
 
-    def release(self, request_id: str) -> None:
-        for state in (self.hidden, self.exit_hidden, self.sampling):
+    def release(self, request_id: str, keep_sampling: bool = False) -> None:
+        """Drop a request's state; a preempted one keeps its sampler, which resumes where it stopped."""
+        for state in (self.hidden, self.exit_hidden) if keep_sampling else (self.hidden, self.exit_hidden, self.sampling):
             state.pop(request_id, None)
 
     @torch.no_grad()
@@ -81,6 +82,8 @@ class ModelRunner:
         """Run one loop for every item of the plan; return each item's exit verdict and token."""
         for request_id in plan.released:
             self.release(request_id)
+        for request_id in plan.preempted:
+            self.release(request_id, keep_sampling=True)
         if not plan.items:
             return {}
         h, fills, rows = self._inputs(plan.items)  # (item_rows, hidden), (fill_rows, hidden) or None
@@ -178,7 +181,9 @@ class ModelRunner:
                 self.pool.copy_depth(blocks, offsets, source, [loop * self.block + k for loop in range(item.loop + 1, self.model.loops)])
             return
         buffer = self.exit_hidden.get(item.request_id)
-        if buffer is None:
-            buffer = torch.zeros(len(item.blocks) * self.pool.block_size, h.shape[-1], dtype=h.dtype)
-            self.exit_hidden[item.request_id] = buffer
+        if buffer is None or len(buffer) < item.start + item.num_tokens:  # blocks grow with the request, and so does this
+            grown = torch.zeros(len(item.blocks) * self.pool.block_size, h.shape[-1], dtype=h.dtype)
+            if buffer is not None:
+                grown[: len(buffer)] = buffer
+            buffer = self.exit_hidden[item.request_id] = grown
         buffer[item.start : item.start + item.num_tokens] = h.to(buffer.dtype)

@@ -10,6 +10,13 @@ current loop. Batching policies differ only in *when* new chunks may start (docs
 - ``sequence``: only at token boundaries: the batch moves through the loops in lock step, and a
   token that exits early leaves its slot idle until the round ends.
 - ``static``: only when the whole batch has finished.
+
+KV memory is allocated on demand: before a request starts a chunk it gets the blocks that chunk
+needs, one block at a time as its positions grow. When the pool cannot supply them, the newest
+running request is preempted (vLLM's policy): its blocks are freed, it goes back to the head of the
+queue with its generated tokens, and once re-admitted one prefill recomputes prompt + outputs (a
+request preempted mid-token at some loop restarts that token at loop 0). The oldest running request
+therefore always progresses, since ``add`` only accepts requests that fit the pool alone.
 """
 
 from __future__ import annotations
@@ -52,11 +59,19 @@ class WorkItem:
 
 @dataclass
 class StepPlan:
-    """What one engine step runs, plus requests whose runner state can be dropped."""
+    """What one engine step runs, plus requests whose runner state can be dropped.
+
+    Attributes:
+        admitted: requests that start running (again, after a preemption) in this step.
+        released: finished requests: every runner state of theirs can go.
+        preempted: requests sent back to the queue: their computed state (hidden states) goes, their
+            sampling state stays so that a resumed request draws the same random numbers.
+    """
 
     items: list[WorkItem]
     admitted: list[str] = field(default_factory=list)
     released: list[str] = field(default_factory=list)
+    preempted: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -77,7 +92,7 @@ class StepEvents:
 
 
 class Scheduler:
-    """Queue, admission control (batch slots and KV blocks) and the per-request state machine."""
+    """Queue, admission control (batch slots and KV blocks), preemption and the per-request state machine."""
 
     def __init__(
         self,
@@ -101,11 +116,12 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self._released: list[str] = []
+        self.preemptions = 0
 
     # --- queue ------------------------------------------------------------------------------
 
     def add(self, request: Request) -> None:
-        """Queue a request; raises ConfigError if it can never fit the KV pool or repeats an id."""
+        """Queue a request; raises ConfigError if it could not fit the KV pool even alone, or repeats an id."""
         if request.request_id in self.requests:
             raise ConfigError(f"duplicate request id {request.request_id!r}")
         if not request.prompt_ids:
@@ -131,7 +147,7 @@ class Scheduler:
         else:
             self.running.remove(request)
             self.allocator.free(request_id)
-            self._released.append(request_id)
+        self._released.append(request_id)  # a preempted request waits with runner state (its sampler) too
         request.status, request.finish_reason = RequestStatus.FINISHED, reason
         del self.requests[request_id]
         return request
@@ -142,11 +158,13 @@ class Scheduler:
     # --- planning ---------------------------------------------------------------------------
 
     def schedule(self) -> StepPlan:
-        """Admit what the policy allows, then one item per running request that is not idle."""
-        admitted = self._admit() if self._may_admit() else []
+        """Give running requests the KV blocks of their next chunk (preempting if needed), admit what the policy allows, plan."""
+        may_admit = self._may_admit()
+        preempted = self._grow_running()
+        admitted = self._admit() if may_admit and not preempted else []  # no admissions while memory is short
         items = [self._item(request) for request in self.running if not request.idle]
         released, self._released = self._released, []
-        return StepPlan(items=items, admitted=admitted, released=released)
+        return StepPlan(items=items, admitted=admitted, released=released, preempted=preempted)
 
     def _may_admit(self) -> bool:
         if self.batching == "depthwise":
@@ -155,22 +173,45 @@ class Scheduler:
             return all(request.loop == 0 and not request.idle for request in self.running)
         return not self.running
 
+    def _grow_running(self) -> list[str]:
+        """Blocks for every chunk about to start, oldest request first; preempt the newest while the pool is short."""
+        preempted: list[str] = []
+        for request in list(self.running):
+            if request.status is not RequestStatus.RUNNING or request.idle or request.loop != 0:
+                continue  # preempted just now, waiting for its round, or mid-chunk (its blocks exist)
+            request.chunk_len = request.next_chunk_len(self.max_prefill_chunk)
+            while not self.allocator.can_allocate(request.kv_tokens_in_use, request.request_id):
+                victim = self.running[-1]  # the newest: admission order is the list's order
+                self._preempt(victim)
+                preempted.append(victim.request_id)
+                if victim is request:
+                    break
+            else:
+                request.blocks = self.allocator.allocate(request.request_id, request.kv_tokens_in_use)
+        return preempted
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.allocator.free(request.request_id)
+        request.preempt()
+        self.waiting.appendleft(request)  # newest first, so older preempted requests end up ahead of it
+        self.preemptions += 1
+
     def _admit(self) -> list[str]:
         admitted = []
         while self.waiting and len(self.running) < self.max_batch:
             request = self.waiting[0]
-            if not self.allocator.can_allocate(request.kv_tokens_needed):
+            chunk = request.next_chunk_len(self.max_prefill_chunk)
+            if not self.allocator.can_allocate(chunk):
                 break  # first come, first served: later requests do not overtake the head of the queue
             self.waiting.popleft()
-            request.blocks = self.allocator.allocate(request.request_id, request.kv_tokens_needed)
-            request.status, request.loop, request.chunk_len = RequestStatus.RUNNING, 0, 0
+            request.status, request.loop, request.chunk_len = RequestStatus.RUNNING, 0, chunk
+            request.blocks = self.allocator.allocate(request.request_id, request.kv_tokens_in_use)
             self.running.append(request)
             admitted.append(request.request_id)
         return admitted
 
     def _item(self, request: Request) -> WorkItem:
-        if request.loop == 0:
-            request.chunk_len = request.next_chunk_len(self.max_prefill_chunk)
         start = request.computed
         tokens = tuple(request.all_ids[start : start + request.chunk_len]) if request.loop == 0 else ()
         fill_start = min(request.filled[request.loop], start) if self.kv_mode == "propagate" else start
