@@ -29,7 +29,8 @@ from recursify.config import (
     parse_relax,
 )
 from recursify.errors import ConfigError, RecursifyError
-from recursify.serving.config import EngineConfig
+from recursify.serving.config import BATCHING, KV_MODES, EngineConfig
+from recursify.serving.http.config import ServerConfig
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -519,7 +520,53 @@ def cmd_simulate(args: argparse.Namespace) -> None:
         _write_report(args.json, report)
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    """Serve a checkpoint or any model source over HTTP with the OpenAI API (completions, chat, streaming), /health and /metrics.
+
+    Binds 127.0.0.1 unless --host says otherwise. SIGINT/SIGTERM stop admitting, give running requests
+    --shutdown-timeout seconds, then cancel them, and exit 0.
+    """
+    from recursify.serving.http import require_server_packages
+
+    require_server_packages()
+    from recursify.serving.http.server import serve
+
+    engine_fields = ["batching", "max_batch", "exit", "kv_mode", "precision", "max_kv_tokens", "block_size", "max_prefill_chunk"]
+    engine = EngineConfig(max_model_len=args.max_model_len, **{name: getattr(args, name) for name in engine_fields})
+    server = ServerConfig(args.host, args.port, args.served_model_name, args.max_waiting, args.shutdown_timeout, log_level=args.log_level)
+    serve(args.path, engine, server)
+
+
+def _add_serve_command(sub: Any) -> None:
+    engine, server = EngineConfig(), ServerConfig()
+    serve = _command(sub, "serve", cmd_serve, help="serve a model over HTTP with the OpenAI API")
+    serve.add_argument("path", help="checkpoint directory, or any --model source (run as the original, loops=1)")
+    serve.add_argument("--host", default=server.host, help="address to bind (0.0.0.0 exposes the server to the network)")
+    serve.add_argument("--port", type=int, default=server.port, help="TCP port (0: any free port)")
+    serve.add_argument("--served-model-name", help="the name clients pass as 'model' (default: the path's last component)")
+    serve.add_argument(
+        "--max-waiting", type=_positive_int, default=server.max_waiting, help="requests queued beyond the running batch; more get 429"
+    )
+    serve.add_argument("--shutdown-timeout", type=float, default=server.shutdown_timeout, help="seconds running requests get after SIGTERM")
+    serve.add_argument(
+        "--log-level", choices=("critical", "error", "warning", "info", "debug"), default=server.log_level, help="uvicorn's log level"
+    )
+    serve.add_argument("--batching", choices=BATCHING, default=engine.batching, help="continuous batching policy")
+    serve.add_argument("--max-batch", type=_positive_int, default=engine.max_batch, help="requests running at once")
+    serve.add_argument("--exit", default=engine.exit, help="early-exit policy: none | confidence:TAU[,..] | fixed:B")
+    serve.add_argument("--kv-mode", choices=KV_MODES, default=engine.kv_mode, help="keys/values of early-exited tokens at deeper loops")
+    serve.add_argument(
+        "--precision", choices=PRECISIONS, default=engine.precision, help="bf16 autocast is ~2x faster on CPUs with bf16 units"
+    )
+    serve.add_argument("--max-kv-tokens", type=_positive_int, default=engine.max_kv_tokens, help="KV pool size in positions (every depth)")
+    serve.add_argument("--block-size", type=_positive_int, default=engine.block_size, help="positions per KV block")
+    serve.add_argument("--max-prefill-chunk", type=_positive_int, default=engine.max_prefill_chunk, help="longest prompt chunk per step")
+    context = "longest prompt + output (default: the model's max_position_embeddings; the KV pool caps it too)"
+    serve.add_argument("--max-model-len", type=_positive_int, default=engine.max_model_len, help=context)
+
+
 def _add_serving_commands(sub: Any) -> None:
+    _add_serve_command(sub)
     bench = _command(sub, "bench-serve", cmd_bench_serve, help="measure serving throughput against the vanilla model")
     bench.add_argument("run", help="recursive checkpoint directory")
     bench.add_argument("--baseline", default=DEFAULT_MODEL, help="the original model, run with loops=1")

@@ -34,6 +34,16 @@ def require_tokenizer(model: RecursiveModel) -> Any:
     return model.tokenizer
 
 
+def apply_chat_template(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    """A conversation rendered by the tokenizer's chat template, ending where the assistant's reply starts.
+
+    Encode the result with ``add_special_tokens=False``: the template already holds the special tokens.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError("chat needs a tokenizer with a chat template; this one has none")
+    return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+
+
 def encode_prompts(tokenizer: Any, prompts: list[str], chat: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids and attention mask [batch, len] for prompts, left-padded to a common length.
 
@@ -42,11 +52,7 @@ def encode_prompts(tokenizer: Any, prompts: list[str], chat: bool = False) -> tu
     if not prompts:
         raise ConfigError("give at least one prompt")
     if chat:
-        if not getattr(tokenizer, "chat_template", None):
-            raise ConfigError("--chat needs a tokenizer with a chat template; this one has none")
-        prompts = [
-            tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True) for p in prompts
-        ]
+        prompts = [apply_chat_template(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
     encoded = [tokenizer(p, add_special_tokens=not chat)["input_ids"] for p in prompts]
     if any(len(ids) == 0 for ids in encoded):
         raise ConfigError("a prompt encodes to zero tokens; give non-empty prompts")
