@@ -217,6 +217,16 @@ def test_a_client_that_disconnects_mid_stream_cancels_its_request_and_frees_its_
         assert _metric(server, "recursify_generated_tokens_total") < 3000
 
 
+def test_a_non_streaming_client_that_gives_up_cancels_its_request() -> None:
+    with _server(max_model_len=4096, max_kv_tokens=8192) as server:
+        body = {"model": NAME, "prompt": PROMPT, "max_tokens": 3000, "temperature": 0}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(server.url + "/v1/completions", json=body, timeout=0.5)
+        _wait_until(lambda: _metric(server, "recursify_requests_total", status="cancelled") == 1)  # within DISCONNECT_POLL_S
+        _wait_until(lambda: _idle(server))
+        assert _metric(server, "recursify_generated_tokens_total") < 3000
+
+
 def test_a_full_queue_answers_429_and_recovers() -> None:
     with _server(max_model_len=4096, max_kv_tokens=8192, max_batch=1, max_waiting=1) as server, httpx.Client(timeout=TIMEOUT_S) as client:
         running = _open_stream(client, server.url, 3000)
