@@ -532,8 +532,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from recursify.serving.http.server import serve
 
     engine_fields = ["batching", "max_batch", "exit", "kv_mode", "precision", "max_kv_tokens", "block_size", "max_prefill_chunk"]
-    engine = EngineConfig(max_model_len=args.max_model_len, **{name: getattr(args, name) for name in engine_fields})
-    server = ServerConfig(args.host, args.port, args.served_model_name, args.max_waiting, args.shutdown_timeout, log_level=args.log_level)
+    engine = EngineConfig(**{name: getattr(args, name) for name in [*engine_fields, "max_model_len"]})
+    server_fields = ["host", "port", "max_waiting", "shutdown_timeout", "log_level"]
+    server = ServerConfig(model_name=args.served_model_name, **{name: getattr(args, name) for name in server_fields})
     serve(args.path, engine, server)
 
 

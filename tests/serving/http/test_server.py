@@ -37,6 +37,18 @@ def test_serve_without_the_extra_says_what_to_install(monkeypatch: pytest.Monkey
     assert err.startswith("recursify: error:") and 'pip install "recursify[serve]"' in err and "fastapi" in err
 
 
+def test_serve_options_reach_the_engine_and_server_configs(monkeypatch: pytest.MonkeyPatch) -> None:
+    import recursify.serving.http.server as server
+
+    calls: list[tuple[object, ...]] = []
+    monkeypatch.setattr(server, "serve", lambda *args: calls.append(args))
+    argv = ["serve", "runs/rrt", "--port", "0", "--exit", "fixed:2", "--max-model-len", "99", "--max-batch", "3"]
+    assert main([*argv, "--max-waiting", "5", "--served-model-name", "m", "--shutdown-timeout", "2.5"]) == 0
+    (source, engine, config) = calls[0]
+    assert source == "runs/rrt" and (engine.exit, engine.max_model_len, engine.max_batch) == ("fixed:2", 99, 3)  # type: ignore[attr-defined]
+    assert (config.host, config.port, config.max_waiting, config.model_name, config.shutdown_timeout) == ("127.0.0.1", 0, 5, "m", 2.5)  # type: ignore[attr-defined]
+
+
 def test_default_model_name(tmp_path: Path) -> None:
     (tmp_path / "rrt").mkdir()
     assert default_model_name(tmp_path / "rrt") == "rrt"
