@@ -10,9 +10,12 @@ many tokens) runs through two arms, alternating for --rounds rounds (each arm ke
   close their connection after their share of tokens.
 
 Reports requests/s, tokens/s, TTFT and inter-token latency p50/p99 per arm, the HTTP / engine
-tokens/s ratio, and checks: every request completed or was cancelled (none lost or hung), no server
-errors, the server's own counters agree with the clients', its KV blocks and batch are back to zero,
-and completed greedy texts equal the engine's. Loopback only; bounded by --clients and --time-limit.
+tokens/s ratio (best of each arm, and the median of each round's back-to-back ratio), the CPU time
+each arm used for the same tokens (server process + clients vs the engine process: on a shared
+machine wall-clock ratios swing with other jobs, CPU time much less), and checks:
+every request completed or was cancelled (none lost or hung), no server errors, the server's own
+counters agree with the clients', its KV blocks and batch are back to zero, and completed greedy
+texts equal the engine's. Loopback only; bounded by --clients and --time-limit.
 Writes benchmarks/results/http_load.json.
 
     recursify convert --model smollm2-135m --loops 3 --init stepwise --rank 0 --out /tmp/hs/r0
@@ -27,6 +30,7 @@ import json
 import os
 import random
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -74,9 +78,11 @@ class ArmResult:
     ttft_p99_ms: float
     itl_p50_ms: float
     itl_p99_ms: float
+    cpu_s: float  # CPU time the arm used: the engine process, or the server process plus the clients
+    tokens_per_cpu_s: float
 
 
-def summarize(arm: str, outcomes: list[Outcome], wall: float) -> ArmResult:
+def summarize(arm: str, outcomes: list[Outcome], wall: float, cpu: float) -> ArmResult:
     """TTFT from the round's start (all requests are sent at once); inter-token gaps within each request."""
     ttft = [1000 * out.token_times[0] for out in outcomes if out.token_times]
     itl = [1000 * (b - a) for out in outcomes for a, b in zip(out.token_times, out.token_times[1:], strict=False)]
@@ -96,7 +102,15 @@ def summarize(arm: str, outcomes: list[Outcome], wall: float) -> ArmResult:
         ttft_p99_ms=percentile(ttft, 0.99),
         itl_p50_ms=percentile(itl, 0.5),
         itl_p99_ms=percentile(itl, 0.99),
+        cpu_s=cpu,
+        tokens_per_cpu_s=tokens / max(cpu, 1e-9),
     )
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process, all its threads (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def disconnect_plan(workload: Workload, share: float, seed: int) -> list[int | None]:
@@ -248,12 +262,13 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen[str], str]:
 
 def print_table(rows: list[ArmResult]) -> None:
     header = f"{'arm':<8}{'req/s':>8}{'tok/s':>8}{'tokens':>8}{'done':>6}{'cut':>5}{'lost':>6}{'err':>5}"
-    header += f"{'TTFT p50/p99 ms':>18}{'ITL p50/p99 ms':>17}"
+    header += f"{'TTFT p50/p99 ms':>18}{'ITL p50/p99 ms':>17}{'CPU s':>7}{'tok/CPU-s':>10}"
     print(header + "\n" + "-" * len(header))
     for row in rows:
         print(
             f"{row.arm:<8}{row.requests_per_s:>8.2f}{row.tokens_per_s:>8.1f}{row.tokens:>8}{row.completed:>6}{row.cancelled:>5}{row.lost:>6}"
             f"{row.errors:>5}{f'{row.ttft_p50_ms:.0f}/{row.ttft_p99_ms:.0f}':>18}{f'{row.itl_p50_ms:.0f}/{row.itl_p99_ms:.0f}':>17}"
+            f"{row.cpu_s:>7.1f}{row.tokens_per_cpu_s:>10.1f}"
         )
 
 
@@ -287,14 +302,18 @@ def main() -> None:
     try:
         for index in range(args.rounds):
             engine = Engine(model, config)
+            cpu = time.process_time()
             engine_outcomes, engine_wall = run_engine(engine, workload, cuts, args.time_limit)
+            engine_cpu = time.process_time() - cpu
             before = scrape(url)
+            cpu, server_cpu = time.process_time(), process_cpu_s(server.pid)
             http_outcomes, http_wall = asyncio.run(run_http(url, "bench", workload, cuts, args.time_limit))
+            http_cpu = time.process_time() - cpu + process_cpu_s(server.pid) - server_cpu
             check = server_check(url, before, http_outcomes)
             same_text = [
                 e.text == h.text for e, h in zip(engine_outcomes, http_outcomes, strict=True) if e.status == h.status == "completed"
             ]
-            rows = [summarize("engine", engine_outcomes, engine_wall), summarize("http", http_outcomes, http_wall)]
+            rows = [summarize("engine", engine_outcomes, engine_wall, engine_cpu), summarize("http", http_outcomes, http_wall, http_cpu)]
             problems = [out.detail for out in http_outcomes if out.status in ("lost", "error")][:5]
             rounds.append({
                 "round": index, "engine": asdict(rows[0]), "http": asdict(rows[1]), "server": check,
@@ -312,6 +331,9 @@ def main() -> None:
 
     best = {arm: max((r[arm] for r in rounds), key=lambda row: row["tokens_per_s"]) for arm in ("engine", "http")}
     ratio = best["http"]["tokens_per_s"] / best["engine"]["tokens_per_s"]
+    paired = sorted(r["http"]["tokens_per_s"] / r["engine"]["tokens_per_s"] for r in rounds)  # each round's arms ran back to back
+    per_token = {arm: sum(r[arm]["cpu_s"] for r in rounds) / sum(r[arm]["tokens"] for r in rounds) for arm in ("engine", "http")}
+    cpu_ratio = per_token["http"] / per_token["engine"]
     checks = {
         "lost": sum(r["http"]["lost"] + r["engine"]["lost"] for r in rounds),
         "errors": sum(r["http"]["errors"] for r in rounds) + sum(r["server"]["server_errors"] for r in rounds),
@@ -321,7 +343,10 @@ def main() -> None:
     }
     print("\n== best of each arm ==")
     print_table([ArmResult(**best["engine"]), ArmResult(**best["http"])])
-    print(f"HTTP / engine tokens/s: {ratio:.3f} (goal >= 0.9); checks: {checks}")
+    print(f"HTTP / engine tokens/s: {ratio:.3f} best of each arm, {statistics.median(paired):.3f} median of the rounds' ratios "
+          f"({', '.join(f'{value:.2f}' for value in paired)}); goal >= 0.9")  # fmt: skip
+    print(f"CPU time per token, HTTP (server + clients) / engine: {cpu_ratio:.3f} (the HTTP layer's cost, robust to other load)")
+    print(f"checks: {checks}")
     report = {
         "command": "python " + " ".join(sys.argv),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
@@ -331,6 +356,9 @@ def main() -> None:
         "rounds": rounds,
         "best": best,
         "http_over_engine_tokens_per_s": ratio,
+        "round_ratios": paired,
+        "median_round_ratio": statistics.median(paired),
+        "http_over_engine_cpu_per_token": cpu_ratio,
         "checks": checks,
     }
     write_json(args.json, report)
