@@ -251,7 +251,7 @@ def test_shutdown_lets_running_requests_finish_and_ends_streams_properly() -> No
         long = _open_stream(client, server.url, 3000)
         lines = short.iter_lines()
         first = next(lines)
-        server.worker.begin_shutdown(grace_s=4.0)  # what SIGTERM does; the long one outlives the grace period
+        server.worker.begin_shutdown(grace_s=2.0)  # what SIGTERM does; the long one outlives the grace period
         assert httpx.get(server.url + "/health", timeout=TIMEOUT_S).status_code == 503
         events = [first, *[line for line in lines if line]]
         assert events[-1] == "data: [DONE]" and json.loads(events[-2][6:])["choices"][0]["finish_reason"] == "length"
