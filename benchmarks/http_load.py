@@ -226,6 +226,7 @@ def server_check(url: str, before: dict[str, float], outcomes: list[Outcome]) ->
         for status in ("stop", "length", "cancelled", "rejected", "invalid", "unavailable", "error")
     }
     return {
+        "steps": after["recursify_step_seconds_count"] - before.get("recursify_step_seconds_count", 0),
         "kv_blocks_used": after["recursify_kv_blocks_used"],
         "running": after["recursify_running_requests"],
         "waiting": after["recursify_waiting_requests"],
@@ -317,12 +318,14 @@ def main() -> None:
             problems = [out.detail for out in http_outcomes if out.status in ("lost", "error")][:5]
             rounds.append({
                 "round": index, "engine": asdict(rows[0]), "http": asdict(rows[1]), "server": check,
-                "engine_kv_blocks_used": engine.allocator.used_blocks, "completed_text_equal": f"{sum(same_text)}/{len(same_text)}",
+                "engine_kv_blocks_used": engine.allocator.used_blocks, "engine_steps": engine.stats.steps,
+                "completed_text_equal": f"{sum(same_text)}/{len(same_text)}",
                 "problems": problems, "load_avg": os.getloadavg(),
             })  # fmt: skip
             print(f"\n== round {index + 1}/{args.rounds} ==")
             print_table(rows)
-            print(f"server after the round: {check}; completed texts equal to the engine's: {sum(same_text)}/{len(same_text)}")
+            print(f"server after the round: {check}; engine steps {engine.stats.steps}; "
+                  f"completed texts equal to the engine's: {sum(same_text)}/{len(same_text)}")  # fmt: skip
             if problems:
                 print("problems:", problems)
     finally:
