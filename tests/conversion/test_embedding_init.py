@@ -94,7 +94,8 @@ def _statistics(vocab: int = 50, hidden: int = 8, seed: int = 0) -> tuple[torch.
 def test_each_side_wins_on_its_own_criterion_and_the_tied_fit_balances_them() -> None:
     weight, calibration = _statistics()
     assert calibration.token_counts is not None and calibration.head_gram is not None and calibration.head_probs is not None
-    input_rows = (calibration.token_counts + SMOOTHING).sqrt()
+    norms = weight.norm(dim=1)
+    input_rows = (calibration.token_counts + SMOOTHING).sqrt() * norms.square().mean().sqrt() / norms  # errors relative to each row
     head_rows = (calibration.head_probs * calibration.tokens + SMOOTHING).sqrt()
     gram = damped(calibration.head_gram)
     identity = torch.eye(8, dtype=torch.float64)

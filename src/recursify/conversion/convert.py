@@ -241,29 +241,26 @@ def budget_embedding(
     plain = RecursionConfig(loops=1, norms=recursion.norms)
     base = recursive_state_dict(original, arch, plain)
     reference = build_model(arch, plain, info, base)
-    scores = []
+    candidates: list[tuple[dict[str, Any], RecursiveModel]] = []
     for embed_rank, head_rank in budget_candidates(arch, recursion.embed_params):
         candidate = dataclasses.replace(plain, embed_rank=embed_rank, head_rank=head_rank, embed_init=recursion.embed_init)
         vocabulary = vocabulary_state(original.embed, original.lm_head, embedding_layout(arch, candidate), vocabulary_calibration)
         state = {k: v for k, v in base.items() if not k.startswith(("embed.", "lm_head."))} | vocabulary
         model = build_model(arch, candidate, info, state)
         counts = model.embedding_counts()
-        kl = _kl(reference, model, rows)
-        scores.append({"embed_rank": embed_rank, "head_rank": head_rank, "params": counts["input"] + counts["head"], "kl": kl})
+        candidates.append(
+            ({"embed_rank": embed_rank, "head_rank": head_rank, "params": counts["input"] + counts["head"], "kl": 0.0}, model)
+        )
+    with torch.no_grad():
+        for row in rows.split(1):  # one row at a time (vocabularies can be 262k); the reference runs once per row
+            target = torch.log_softmax(reference(row).logits.float(), dim=-1)
+            for score, model in candidates:
+                log_probs = torch.log_softmax(model(row).logits.float(), dim=-1)
+                score["kl"] += float((target.exp() * (target - log_probs)).sum()) / rows.numel()
+    scores = [score for score, _ in candidates]
     best = min(scores, key=lambda score: float(score["kl"]))
     report["embedding_budget"] = scores
     return best["embed_rank"], best["head_rank"]
-
-
-@torch.no_grad()
-def _kl(reference: RecursiveModel, model: RecursiveModel, rows: torch.Tensor) -> float:
-    """KL(reference || model) in nats per token over ``rows`` [n, seq], one row at a time (vocabularies can be 262k)."""
-    total = 0.0
-    for row in rows.split(1):
-        target = torch.log_softmax(reference(row).logits.float(), dim=-1)
-        log_probs = torch.log_softmax(model(row).logits.float(), dim=-1)
-        total += float((target.exp() * (target - log_probs)).sum())
-    return total / rows.numel()
 
 
 def original_param_count(original: OriginalWeights) -> int:
