@@ -9,8 +9,7 @@ whitening) is solved by X = D^-1 [D W M]_r M^-1 (truncated SVD in the weighted s
   by sqrt(count_v + 1/2) (calibration token counts, add-1/2 smoothing so unseen tokens keep a
   little weight), and relative to the row's norm, since every depth reads the residual stream
   through an RMSNorm: D = diag(sqrt(count + 1/2) / ||E_v||) (rescaled), M = I. Plain SVD (D = I)
-  spends its rank on the tens of thousands of rare rows instead. Measured on SmolLM2 (input side
-  only, rank 288): plain SVD far worse, counts alone 0.44 nats, counts relative to the norm 0.39.
+  spends its rank on the tens of thousands of rare rows instead.
 - Output head: its error shows in the logits W n of the final-normed hidden states n, and in a
   logit error d the KL to the original grows like 1/2 d^T (diag(p) - p p^T) d, so logits of likely
   tokens matter most. The head's criterion is E sum_v p_v (W_v n - X_v n)^2 ~= ||D (W - X) S||^2
@@ -21,6 +20,10 @@ whitening) is solved by X = D^-1 [D W M]_r M^-1 (truncated SVD in the weighted s
   is again the closed form, with M M^T = I / ||D W||^2 + E[n n^T] / ||D W S||^2; D averages the
   two sides' counts.
 
+Tied or untied: a tied pair costs rank * (vocab + hidden) once and serves both sides; untied factors
+cost that per side, so at equal parameters each side gets about half the rank. Which wins depends
+on the model and the budget (each side's error falls with its own rank at its own pace), so the
+budget decides by measurement rather than by rule:
 ``--embed-params N`` spends N parameters on input + head: it scores a few candidate layouts
 (one tied pair, or untied factors with the rank split several ways) by the KL of the original
 model, with only its embedding and head replaced, on calibration tokens, and keeps the best.
