@@ -73,6 +73,7 @@ def test_info_table_for_humans(converted: Path, capsys: pytest.CaptureFixture[st
     assert main(["info", str(converted)]) == 0
     out = capsys.readouterr().out
     assert "non-embedding" in out and "ratio" in out and "3 loops x 2 unique layers" in out
+    assert "input dense" in out and "head dense" in out  # the tiny llama's untied head
 
 
 def printed_generation(prompt: str, tokens: list[int], tokenizer: Any) -> str:
@@ -205,6 +206,34 @@ def test_relax_variants_on_the_command_line(source_dir: Path, tmp_path: Path, ca
             main(["convert", "--relax", spec, "--out", "x"])
         assert exit_info.value.code == 2
     assert "positive number of prefix tokens" in capsys.readouterr().err
+
+
+def test_low_rank_embedding_on_the_command_line(source_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    text = tmp_path / "calib.txt"
+    text.write_text("\n\n".join(f"paragraph {i}: the quick brown fox jumps over the lazy dog, again and again." for i in range(60)))
+    out = tmp_path / "emb"
+    common = ["convert", "--model", str(source_dir), "--loops", "3", "--quiet"]
+    assert main([*common, "--embed-rank", "8", "--head-rank", "12", "--calib", str(text), "--calib-tokens", "1000", "--out", str(out)]) == 0
+    assert main(["info", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "input rank 8" in table and "head rank 12" in table and "relative weighted error input" in table
+    assert main(["info", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["embedding"] == {"input": 8 * (97 + 48), "head": 12 * (97 + 48), "tied": False, "input_rank": 8, "head_rank": 12}
+    assert info["params"]["embedding"] == 20 * (97 + 48)
+    assert "--calib" in run_error([*common, "--embed-rank", "8", "--out", str(tmp_path / "x")], capsys)
+    assert "exceeds min(vocab, hidden) = 48" in run_error(
+        [*common, "--embed-rank", "49", "--embed-init", "svd", "--out", str(tmp_path / "x")], capsys
+    )
+    assert "drop --embed-rank" in run_error(
+        [*common, "--embed-rank", "8", "--embed-params", "2k", "--calib", str(text), "--out", str(tmp_path / "x")], capsys
+    )
+    assert "below the smallest" in run_error([*common, "--embed-params", "100", "--calib", str(text), "--out", str(tmp_path / "x")], capsys)
+    for rank in ("0", "-3", "big"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["convert", "--embed-rank", rank, "--out", "x"])
+        assert exit_info.value.code == 2
+    assert "positive integer or 'full'" in capsys.readouterr().err
 
 
 def test_cli_import_and_help_do_not_load_torch() -> None:

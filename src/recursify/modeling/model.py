@@ -20,6 +20,7 @@ from recursify import checkpoint
 from recursify.config import LINEARS, ArchConfig, RecursionConfig
 from recursify.errors import CheckpointError, ConfigError, RecursifyError
 from recursify.modeling.attention import RopeTables, build_masks
+from recursify.modeling.embedding import FactorizedEmbedding, build_embedding, embedding_layout
 from recursify.modeling.kv_cache import AttentionContext, KVCache
 from recursify.modeling.layers import FOLDABLE_NORMS, SharedLayer, norm_names
 from recursify.modeling.lora import DepthRMSNorm
@@ -81,10 +82,10 @@ class RecursiveModel(nn.Module):
             slots = norm_slot_counts(arch, recursion, visits)
             ranks = {name: recursion.rank_of(layer, name) for name in LINEARS}
             layers.append(SharedLayer(arch, visits, ranks, slots, bias_delta, recursion.relax_kind, recursion.prefix_tokens))
-        self.embed = nn.Embedding(arch.vocab_size, arch.hidden_size)
+        self.embedding_layout = embedding_layout(arch, recursion)
+        self.embed, self.lm_head = build_embedding(arch, self.embedding_layout)
         self.layers = nn.ModuleList(layers)
         self.final_norm = DepthRMSNorm(arch.hidden_size, 1, arch.rms_norm_eps, arch.norm_offset)
-        self.lm_head = None if arch.tie_word_embeddings else nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
         for kind in arch.rope_kinds:
             self.register_buffer(rope_buffer_name(kind), torch.zeros(arch.head_dim // 2))
 
@@ -98,7 +99,7 @@ class RecursiveModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.embed.weight.device
+        return self.final_norm.weight.device
 
     def shared_layer(self, index: int) -> SharedLayer:
         layer = self.layers[index]
@@ -123,9 +124,19 @@ class RecursiveModel(nn.Module):
         return h
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
-        """Final norm + LM head (+ Gemma2 soft-cap): used by the last depth and by every early exit."""
-        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        logits = nn.functional.linear(self.final_norm(h), weight)
+        """Final norm + LM head (+ Gemma2 soft-cap): used by the last depth and by every early exit.
+
+        The head is the input embedding (tied), its own dense matrix or low-rank factors
+        (``modeling/embedding.py``); factors project through their rank, which is what makes a
+        factorised head cheaper at every exit.
+        """
+        normed = self.final_norm(h)
+        head = self.embed if self.lm_head is None else self.lm_head
+        if isinstance(head, FactorizedEmbedding):
+            logits = head.project(normed)
+        else:
+            assert isinstance(head, (nn.Embedding, nn.Linear))
+            logits = nn.functional.linear(normed, head.weight)
         if self.arch.final_softcap is not None:
             logits = torch.tanh(logits / self.arch.final_softcap) * self.arch.final_softcap
         return logits
@@ -207,6 +218,18 @@ class RecursiveModel(nn.Module):
         source_total = self.source.total_params or total
         frozen = sum(buffer.numel() for name, buffer in self.named_buffers() if name.endswith((".lora_A", ".lora_B")))
         return {**counts, "total": total, "source_total": source_total, "ratio": total / source_total, "frozen": frozen}
+
+    def embedding_counts(self) -> dict[str, Any]:
+        """The "embedding" group split into input embedding and head, with their ranks (None = dense).
+
+        A head that reuses the input side's tensors (tied) owns no parameters: ``tied`` says so.
+        """
+        layout = self.embedding_layout
+        input_params = sum(p.numel() for p in self.embed.parameters())
+        head_params = sum(p.numel() for p in self.lm_head.parameters()) if self.lm_head is not None else 0
+        head_rank = layout.input_rank if layout.head == "input" else layout.head_rank
+        tied = layout.head == "input"
+        return {"input": input_params, "head": head_params, "tied": tied, "input_rank": layout.input_rank, "head_rank": head_rank}
 
     def generate(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """Generate continuations; see ``recursify.modeling.generation.generate`` for the options."""

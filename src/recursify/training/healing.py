@@ -6,7 +6,10 @@ training quantisation methods heal block by block instead, and so does this modu
 depth is kept. Each depth l of the recursive model, i.e. shared layer s(l) with depth l's LoRA and
 norms, is then trained to map the teacher's input h_l to the teacher's output h_{l+1} (teacher
 forcing), all depths at once: every depth gets a dense target, nothing backpropagates through the
-stack, and the captured states are reused for every pass over the data. Because per-depth fits
+stack, and the captured states are reused for every pass over the data. A model with low-rank
+vocabulary factors (``--embed-rank``) gets two more targets of the same kind: its input embedding
+must match the teacher's embedding output (the residual stream entering depth 0) and its head, given
+the teacher's last hidden state, the teacher's logits (``vocabulary_losses``). Because per-depth fits
 cannot undo error that compounds across depths, an optional end-to-end KD phase (``uptrain``)
 follows. Both phases are budgeted in CPU-minutes (``time.process_time``), evaluation excluded.
 """
@@ -131,6 +134,34 @@ def depth_losses(student: RecursiveModel, states: torch.Tensor, precision: str, 
     return losses
 
 
+def vocabulary_losses(
+    student: RecursiveModel, teacher: RecursiveModel, ids: torch.Tensor, states: torch.Tensor, precision: str, backward: bool = False
+) -> dict[str, float]:
+    """The targets of low-rank vocabulary factors on teacher-forced ``states`` [L + 1, batch, seq, hidden] of ``ids`` [batch, seq].
+
+    "embedding": mean over tokens of ||e_student - e_teacher||^2 / ||e_teacher||^2 (the embedding
+    output against the teacher's, 0 = exact, 1 = all signal lost); "head": KL(teacher || student)
+    in nats per token of the logits both heads give the teacher's last hidden state. Each term
+    weighs like one depth (divided by L, as in ``depth_losses``), so neither swamps the others.
+    Empty for a model whose embedding and head are the original dense matrices.
+    """
+    if not student.embedding_layout.factorized:
+        return {}
+    ids = ids.to(student.device)
+    with precision_context(precision, student.device):
+        embedded = student.embed_tokens(ids)
+        log_probs = torch.log_softmax(student.head(states[-1]).float(), dim=-1)
+        with torch.no_grad():
+            target = torch.log_softmax(teacher.head(states[-1]).float(), dim=-1)
+    losses = {
+        "embedding": normalised_error(embedded, states[0], torch.zeros_like(states[0])),
+        "head": (target.exp() * (target - log_probs)).sum(-1).mean(),
+    }
+    if backward:
+        ((losses["embedding"] + losses["head"]) / student.num_depths).backward()
+    return {name: float(loss.detach()) for name, loss in losses.items()}
+
+
 @torch.no_grad()
 def block_objective(student: RecursiveModel, states: torch.Tensor, micro_batch: int, precision: str) -> list[float]:
     """Per-depth normalised error of the student on all of ``states``, averaged over row chunks."""
@@ -166,9 +197,21 @@ class _Healing:
             metrics = _kl_ppl(self.student, self.teacher, self.heldout, self.config.micro_batch, self.precision)
             per_depth = block_objective(self.student, self.heldout_states, self.config.micro_batch, self.precision)
             metrics["objective"] = sum(per_depth) / len(per_depth)
+            metrics.update(self.vocabulary_objective())
         record = {"event": "eval", "step": self.report.local_steps, "tokens": self.report.local_tokens, "cpu_s": cpu_s}
         self.log.write({**record, **metrics, "per_depth": per_depth})
         return metrics, per_depth
+
+    @torch.no_grad()
+    def vocabulary_objective(self) -> dict[str, float]:
+        """``vocabulary_losses`` on the held-out rows (empty for dense vocabulary matrices), averaged over row chunks."""
+        assert self.heldout is not None and self.heldout_states is not None
+        totals: dict[str, float] = {}
+        size = self.config.micro_batch
+        for ids, chunk in zip(self.heldout.split(size), self.heldout_states.split(size, dim=1), strict=True):
+            for name, loss in vocabulary_losses(self.student, self.teacher, ids, chunk, self.precision).items():
+                totals[name] = totals.get(name, 0.0) + loss * ids.shape[0] / self.heldout.shape[0]
+        return totals
 
 
 def heal(config: HealConfig) -> HealReport:
@@ -245,7 +288,10 @@ def _local_phase(run: _Healing) -> None:
     report.capture_cpu_minutes = total.used() / 60
     # The schedule spans what is left after the capture; the capture still counts against --minutes.
     budget = CpuBudget(max(total.seconds - total.used(), 1e-9))
-    params = [p for layer in student.layers for p in layer.parameters() if p.requires_grad]
+    trained = list(student.layers)
+    if student.embedding_layout.factorized:  # their own targets: see vocabulary_losses
+        trained += [student.embed, student.final_norm] + ([student.lm_head] if student.lm_head is not None else [])
+    params = [p for module in trained for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, betas=BETAS, weight_decay=0.0)
     student.train()
     next_eval = config.eval_every_minutes * 60 if config.eval_every_minutes > 0 else math.inf
@@ -257,6 +303,7 @@ def _local_phase(run: _Healing) -> None:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             losses = depth_losses(student, states[:, rows], run.precision, backward=True)
+            vocabulary = vocabulary_losses(student, run.teacher, run.train_rows[rows], states[:, rows], run.precision, backward=True)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             report.local_steps += 1
@@ -267,6 +314,7 @@ def _local_phase(run: _Healing) -> None:
             cpu_s = total.used()
             run.log.write(
                 {"event": "local", "step": report.local_steps, "tokens": report.local_tokens, "lr": lr, "cpu_s": cpu_s, "loss": loss}
+                | vocabulary
             )
             bar.update(round(cpu_s) - bar.n)
             bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
