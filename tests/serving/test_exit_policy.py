@@ -25,14 +25,15 @@ def test_confidence_uses_each_loops_threshold() -> None:
     # two-token logits (a, 0): max softmax prob = sigmoid(a), a closed form
     logits = torch.tensor([[math.log(3.0), 0.0], [math.log(3.0), 0.0], [0.0, 0.0]])  # confidences 0.75, 0.75, 0.5
     policy = parse_exit_policy("confidence:0.7,0.8", 3)
-    assert policy.decide(logits, [0, 1, 2]).tolist() == [True, False, True]  # the last loop always exits
-    assert parse_exit_policy("confidence:1.0", 3).decide(torch.tensor([[100.0, -100.0]]), [0]).tolist() == [False]
+    scores = torch.softmax(logits, -1).amax(-1)
+    assert policy.decide([0, 1, 2], scores).tolist() == [True, False, True]  # the last loop always exits
+    assert parse_exit_policy("confidence:1.0", 3).decide([0], torch.ones(1)).tolist() == [False]
 
 
 def test_fixed_and_none_need_logits_only_where_they_exit() -> None:
     fixed = parse_exit_policy("fixed:2", 3)
     assert [fixed.needs_logits(loop) for loop in range(3)] == [False, True, False]
-    assert fixed.decide(torch.zeros(2, 4), [1, 0]).tolist() == [True, False]
+    assert fixed.decide([1, 0], None).tolist() == [True, False]
     none = parse_exit_policy("none", 3)
     assert [none.needs_logits(loop) for loop in range(3)] == [False, False, True]
     assert all(parse_exit_policy("oracle", 3).needs_logits(loop) for loop in range(3))

@@ -378,7 +378,7 @@ def serving_benchmark(
     if data is not None:
         tokens = load_tokens(data, tokenizer, split="heldout", max_tokens=data_tokens, teacher=original)  # teacher:N samples the baseline
         lengths = make_workload(tokenizer, requests, "all", seed, prompt_tokens, new_tokens).max_new_tokens
-        sim = simulate(served, tokens, parse_exit_policy(exit_spec, served.loops), lengths, max_batch)
+        sim = simulate(served, tokens, parse_exit_policy(exit_spec, served.loops, served.addons), lengths, max_batch)
         measured = report["runs"][arrivals[0]]["ratios"]
         sim["measured"] = {
             "arrival": arrivals[0],

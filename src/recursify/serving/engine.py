@@ -70,7 +70,7 @@ class Engine:
         self.model = model.eval()
         self.tokenizer = model.tokenizer
         block_size_of(model)  # fail early on models whose depths are not one looped block
-        self.policy = parse_exit_policy(self.config.exit, model.loops)
+        self.policy = parse_exit_policy(self.config.exit, model.loops, model.addons)
         num_blocks = self.config.max_kv_tokens // self.config.block_size
         self.allocator = BlockAllocator(num_blocks, self.config.block_size)
         self.pool = KVPool(num_blocks, self.config.block_size, model.num_depths, model.arch.num_kv_heads, model.arch.head_dim)
