@@ -1,7 +1,8 @@
 """The engine against plain generation: every batching policy, exit policy and KV mode, token for token.
 
 References: ``model.generate`` (no exits), the model truncated to b loops (fixed exits) and a naive
-one-token-at-a-time decoder with exits and propagate/share keys (tests/serving/reference.py).
+one-token-at-a-time decoder with exits (confidence, gate, saturation, ensemble) and propagate/share keys
+(tests/serving/reference.py); the LM head's calls are counted (once per token with hidden-state exits).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from reference import early_exit_greedy, truncated_greedy
 import recursify
 from recursify.config import SamplingConfig
 from recursify.errors import ConfigError
+from recursify.evaluation.calibration import collect_exit_data
+from recursify.modeling.exit_gates import ExitGates
 from recursify.modeling.model import RecursiveModel
 from recursify.serve import Engine
 from recursify.serving.exit_policy import parse_exit_policy
@@ -227,3 +230,51 @@ def test_bad_options_raise_config_errors() -> None:
         _engine(recursify.convert(tiny_model("llama", seed=3), loops=3, strategy="sequence", progress=False))
     with pytest.raises(ConfigError, match="tokenizer"):
         _engine(model).add_request("text prompt")
+
+
+@cache
+def _exit_model() -> RecursiveModel:
+    """The llama model with random exit gates and a random exit ensemble attached (a copy: other tests see none)."""
+    model = recursify.convert(tiny_model("llama", seed=3), loops=3, init="average", rank=4, progress=False)
+    torch.manual_seed(4)
+    model.addons.gates = ExitGates(model.arch.hidden_size, 3, width=8).eval().requires_grad_(False)
+    model.addons.ensemble = torch.tensor([[0.8, 0.0], [0.3, 0.9]])
+    return model
+
+
+def _median_spec(model: RecursiveModel, kind: str, prompts: list[list[int]]) -> str:
+    """A ``kind`` spec at each loop's median signal, so tokens exit at every loop."""
+    data = collect_exit_data(model, torch.tensor([t for p in prompts for t in p]), window=16)
+    medians = data.scores[kind].median(dim=0).values.tolist()
+    return f"{kind}:" + ",".join(f"{m:.6f}" for m in medians)
+
+
+@pytest.mark.parametrize("kind", ["gate", "saturation", "ensemble"])
+def test_gate_saturation_and_ensemble_exits_match_naive_decoder(kind: str) -> None:
+    model = _exit_model()
+    prompts = [_prompt(130 + i, n) for i, n in enumerate((6, 3, 9, 1))]
+    spec = _median_spec(model, kind, [_prompt(135 + i, 16) for i in range(4)])
+    engine = _engine(model, batching="depthwise", max_batch=3, exit=spec)
+    outputs = {out.request_id: out for out in engine.generate(prompts, max_new_tokens=NEW, stop_token_ids=[])}
+    all_loops = []
+    for i, prompt in enumerate(prompts):
+        tokens, loops_run = early_exit_greedy(model, prompt, NEW, parse_exit_policy(spec, 3, model.addons), "propagate")
+        assert outputs[f"req-{i}"].token_ids == tokens
+        assert outputs[f"req-{i}"].loops_run == loops_run
+        all_loops += loops_run
+    assert {1, 2, 3} <= set(all_loops), "the thresholds should make tokens exit at every loop"
+
+
+@pytest.mark.parametrize(("kind", "head_every_loop"), [("gate", False), ("saturation", False), ("confidence", True)])
+def test_lm_head_runs_once_per_token_with_hidden_state_exits(kind: str, head_every_loop: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _exit_model()
+    prompts = [_prompt(140 + i, n) for i, n in enumerate((5, 8, 2))]
+    spec = _median_spec(model, kind, [_prompt(145 + i, 16) for i in range(3)])
+    rows = []
+    original = model.lm_logits
+    monkeypatch.setattr(model, "lm_logits", lambda z: rows.append(z.reshape(-1, z.shape[-1]).shape[0]) or original(z))
+    outputs = list(_engine(model, max_batch=3, exit=spec).generate(prompts, max_new_tokens=NEW, stop_token_ids=[]))
+    tokens = sum(len(out.token_ids) for out in outputs)
+    loops = sum(sum(out.loops_run) for out in outputs)
+    assert sum(rows) == (loops if head_every_loop else tokens)
+    assert 3 * tokens > loops > tokens  # tokens left at different loops

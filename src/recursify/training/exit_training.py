@@ -52,7 +52,7 @@ def fit_gates(data: ExitData, width: int, steps: int, batch: int, lr: float, see
         loss.backward()  # type: ignore[union-attr]
         optimizer.step()
         schedule.step()
-        curve.append(float(loss))
+        curve.append(float(loss.detach()))  # type: ignore[union-attr]
     return gates.eval().requires_grad_(False), curve
 
 
