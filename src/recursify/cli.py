@@ -66,6 +66,18 @@ def _command(sub: Any, name: str, func: Callable[[argparse.Namespace], None], he
     return parser
 
 
+def _speculative(value: str) -> Any:
+    from recursify.config import parse_speculative
+
+    try:
+        return parse_speculative(value)
+    except ConfigError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+EXIT_HELP = "none | confidence:TAU | gate:P | saturation:D | ensemble:TAU | agreement:A[:SIGNAL] | fixed:B | oracle"
+
+
 def _positive_int(value: str) -> int:
     if not value.isdigit() or int(value) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
@@ -121,12 +133,25 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     model = load(args.path)
+    stats = None
+    if args.speculative is not None:
+        from recursify.modeling.speculative import SpeculativeStats
+
+        stats = SpeculativeStats()
     for prompt in args.prompt:
         print(prompt, end="", flush=True)
-        pieces = stream_text(model, prompt, args.max_new_tokens, sampling, args.chat, args.precision, not args.no_cache)
+        pieces = stream_text(
+            model, prompt, args.max_new_tokens, sampling, args.chat, args.precision, not args.no_cache, args.speculative, stats, args.exit
+        )
         for piece in pieces:
             print(piece, end="", flush=True)
         print()
+    if stats is not None:
+        print(
+            f"speculative {args.speculative.spec}: {stats.acceptance_rate:.2f} of drafts accepted, "
+            f"{stats.tokens_per_pass:.2f} tokens per verify pass ({stats.rounds} passes)",
+            file=sys.stderr,
+        )
 
 
 def _count(value: str) -> int:
@@ -500,6 +525,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
     generate.add_argument("--precision", choices=PRECISIONS, default="fp32", help="bf16 autocast is ~2x faster on CPUs with bf16 units")
     generate.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step instead of the KV cache")
+    generate.add_argument(
+        "--speculative", type=_speculative, metavar="BxD", help="self-speculative decoding: draft D tokens with B loops (same output)"
+    )
+    generate.add_argument("--exit", default="none", help=EXIT_HELP + " (served through the engine)")
 
     evaluate = _command(sub, "eval", cmd_eval, help="perplexity, per-loop exits and multiple-choice accuracy")
     evaluate.add_argument("path", help="checkpoint directory, or any --model source (run as the original, loops=1)")
@@ -596,7 +625,7 @@ def _add_serving_commands(sub: Any) -> None:
 
 
 def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--exit", default="confidence:0.9", help="none | confidence:TAU[,..] | fixed:B | oracle")
+    parser.add_argument("--exit", default="confidence:0.9", help=EXIT_HELP)
     parser.add_argument("--max-batch", type=_positive_int, default=EngineConfig.max_batch, help="requests per step")
     parser.add_argument(
         "--precision", choices=PRECISIONS, default=EngineConfig.precision, help="bf16 autocast is ~2x faster on CPUs with bf16 units"
