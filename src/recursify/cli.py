@@ -576,6 +576,11 @@ def cmd_bench_serve(args: argparse.Namespace) -> None:
         data=args.data,
         data_tokens=args.max_tokens,
         log=lambda line: None,
+        agreement_target=args.agreement_target,
+        speculative=args.speculative,
+        single_requests=args.single_requests,
+        transformers=args.transformers,
+        transformers_early_exit=args.transformers_early_exit,
     )
     report = {**result.pop("runs")[args.arrival], **result}  # one workload: the issue's JSON shape
     print(format_summary(report))
@@ -613,6 +618,17 @@ def _add_serving_commands(sub: Any) -> None:
     bench.add_argument("--new-tokens", type=_lengths, default=(16, 32), help="output length range MIN,MAX")
     bench.add_argument("--data", help="held-out text for the simulated comparison (file, directory, hf:NAME); omitted: no simulation")
     bench.add_argument("--max-tokens", type=_positive_int, default=4096, help="held-out tokens for --data trajectories")
+    bench.add_argument(
+        "--agreement-target", type=float, default=0.95, help="rows 5g/5s/5e: gate/saturation/ensemble exits calibrated to this agreement"
+    )
+    bench.add_argument(
+        "--speculative", type=_speculative, metavar="BxD", help="row 7: self-speculative vs greedy generate at batch 1 and 4"
+    )
+    bench.add_argument("--single-requests", type=_positive_int, default=8, help="requests the batch-1 rows (7, 8) decode")
+    bench.add_argument("--transformers", action="store_true", help="row 8: transformers' own generate of --baseline (static batches)")
+    bench.add_argument(
+        "--transformers-early-exit", type=_positive_int, metavar="LAYER", help="row 8e: transformers' assistant_early_exit at batch 1"
+    )
     _add_engine_arguments(bench)
 
     sim = _command(sub, "simulate", cmd_simulate, help="the paper's hypothetical depth-wise batching throughput")

@@ -57,6 +57,9 @@ class EngineStats:
 
     steps: int = 0
     items: int = 0
+    head_rows: int = 0  # rows the LM head ran on
+    head_steps: int = 0  # steps in which it ran
+    row_loops: int = 0  # token rows run through one loop (prefill and decode; propagate fills excluded)
     schedule_s: float = 0.0
     execute_s: float = 0.0
     update_s: float = 0.0
@@ -153,9 +156,13 @@ class Engine:
         for request_id in plan.admitted:
             self.runner.register(request_id, self.scheduler.requests[request_id].sampling)
         t1 = time.perf_counter()
+        rows, steps, row_loops = self.runner.head_rows, self.runner.head_steps, self.runner.row_loops
         with precision_context(self.config.precision, self.model.device):
             results = self.runner.execute(plan)
         t2 = time.perf_counter()
+        self.stats.head_rows += self.runner.head_rows - rows
+        self.stats.head_steps += self.runner.head_steps - steps
+        self.stats.row_loops += self.runner.row_loops - row_loops
         events = self.scheduler.update_from_output(plan, results)
         outputs = self._outputs(events, t2)
         t3 = time.perf_counter()

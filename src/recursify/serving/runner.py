@@ -71,6 +71,9 @@ class ModelRunner:
         self.exit_hidden: dict[str, torch.Tensor] = {}
         self.exit_history: dict[str, list[torch.Tensor]] = {}  # ensemble: the token in flight's exit logits per loop
         self.sampling: dict[str, tuple[SamplingConfig, torch.Generator | None]] = {}
+        self.head_rows = 0  # rows the LM head has run on, and steps it ran in (the benchmark's cost accounting)
+        self.head_steps = 0
+        self.row_loops = 0  # item rows run through one loop, summed over steps (fill rows excluded)
 
     def register(self, request_id: str, sampling: SamplingConfig) -> None:
         generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
@@ -99,6 +102,7 @@ class ModelRunner:
         )
         visit, loop_depth = rows.visit(), rows.loops[None] * self.block  # (1, rows): depth = loop * K + layer
         entering = h
+        self.row_loops += rows.items
         for k in range(self.block):
             x = h if fills is None else torch.cat([h, fills])  # fills: the same exit state at every layer
             h = self.model.shared_layer(k)(x[None], visit, loop_depth + k, attention)[0]
@@ -187,6 +191,7 @@ class ModelRunner:
         scores: torch.Tensor | None = None
         if any(policy.needs_logits(loop) for loop in loops) and not policy.reads_hidden and policy.kind not in ("none", "fixed"):
             logits = model.exit_logits(states, loops).float()
+            self.head_rows, self.head_steps = self.head_rows + len(loops), self.head_steps + 1
             if policy.kind == "ensemble":
                 logits = self._ensemble(items, emitting, loops, logits)
                 scores = logits.softmax(dim=-1).amax(dim=-1)
@@ -199,6 +204,7 @@ class ModelRunner:
             leaving = [j for j, leave in enumerate(exits) if leave]
             logits = torch.zeros(len(emitting), model.arch.vocab_size)
             logits[leaving] = model.exit_logits(states[leaving], [loops[j] for j in leaving]).float()
+            self.head_rows, self.head_steps = self.head_rows + len(leaving), self.head_steps + 1
         decided: dict[int, tuple[bool, int | None, int | None]] = {}
         for j, i in enumerate(emitting):
             token = argmax = None
