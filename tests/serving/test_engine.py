@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from reference import early_exit_greedy, truncated_greedy
 
 import recursify
-from recursify.config import SamplingConfig
+from recursify.config import SamplingConfig, parse_speculative
 from recursify.errors import ConfigError
 from recursify.evaluation.calibration import collect_exit_data
 from recursify.modeling.exit_gates import ExitGates
@@ -278,3 +278,29 @@ def test_lm_head_runs_once_per_token_with_hidden_state_exits(kind: str, head_eve
     loops = sum(sum(out.loops_run) for out in outputs)
     assert sum(rows) == (loops if head_every_loop else tokens)
     assert 3 * tokens > loops > tokens  # tokens left at different loops
+
+
+def test_speculative_engine_serves_one_request_at_a_time_like_generate() -> None:
+    model = _model("gemma2", 2)  # sliding windows; its loop-1 drafts are often accepted
+    prompts = [_prompt(150 + i, n) for i, n in enumerate((5, 9, 2))]
+    engine = _engine(model, max_batch=1, speculative="1x3")
+    outputs = {out.request_id: out for out in engine.generate(prompts, max_new_tokens=NEW, stop_token_ids=[])}
+    for i, prompt in enumerate(prompts):
+        assert outputs[f"req-{i}"].token_ids == _generate("gemma2", 2, tuple(prompt)), i
+        assert outputs[f"req-{i}"].finish_reason == "length"
+    assert engine.speculative_stats.rounds > 0 and engine.stats.steps < len(prompts) * NEW  # several tokens per step
+    sampling = SamplingConfig(temperature=0.8, top_k=5, seed=3)
+    reference = model.generate(
+        torch.tensor([prompts[0]]), max_new_tokens=NEW, eos_token_ids=[], sampling=sampling, speculative=parse_speculative("1x3")
+    )
+    served = _serve(_engine(model, max_batch=1, speculative="1x3"), prompts[:1], sampling=sampling)
+    assert served["req-0"] == reference[0, len(prompts[0]) :].tolist()
+    free = _generate("gemma2", 2, tuple(prompts[1]))
+    stopped = next(_engine(model, max_batch=1, speculative="1x3").generate([prompts[1]], max_new_tokens=NEW, stop_token_ids=[free[4]]))
+    assert stopped.token_ids == free[: free.index(free[4]) + 1] and stopped.finish_reason == "stop"
+    with pytest.raises(ConfigError, match="max_batch=1"):
+        _engine(model, max_batch=2, speculative="1x3")
+    with pytest.raises(ConfigError, match="BxD"):
+        _engine(model, max_batch=1, speculative="1")
+    with pytest.raises(ConfigError, match="1..1 loops"):
+        _engine(model, max_batch=1, speculative="2x3")

@@ -100,7 +100,7 @@ def speculative_stream(
     pending: list[deque[int]] = [deque() for _ in range(batch)]
     produced = [0] * batch  # tokens handed to ``pending`` per row (EOS included)
     done = [False] * batch  # EOS emitted or max_new_tokens reached
-    for row_tokens in _rounds(model, input_ids, attention_mask, max_new_tokens, sampling, generator, config, stats, done):
+    for row_tokens in speculative_rounds(model, input_ids, attention_mask, max_new_tokens, sampling, generator, config, stats, done):
         for row, tokens in enumerate(row_tokens):
             for token in tokens:
                 if done[row]:
@@ -114,7 +114,7 @@ def speculative_stream(
             break
 
 
-def _rounds(
+def speculative_rounds(
     model: RecursiveModel,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
@@ -125,7 +125,11 @@ def _rounds(
     stats: SpeculativeStats,
     done: list[bool],
 ) -> Iterator[list[list[int]]]:
-    """The prefill's first token, then per round each row's new tokens (accepted drafts + the verifier's token)."""
+    """The prefill's first token, then per round each row's new tokens (accepted drafts + the verifier's token).
+
+    Rounds go on until the caller marks every row ``done`` (EOS or enough tokens; rows keep drafting
+    until then). The serving engine drives one round per step (serving/engine.py).
+    """
     batch, prompt = input_ids.shape
     b, draft, loops = config.draft_loops, config.draft_tokens, model.loops
     cache = model.new_cache(batch, prompt + (max_new_tokens + 1) * (draft + 1))  # right-aligning may leave gaps per round
