@@ -2,10 +2,10 @@
 
 ``measure_roofline`` times torch itself on this CPU (with the current thread count): the fp32
 matmul rate of a large square product (the compute bound) and the bandwidth of a copy far larger
-than the caches (the memory bound). ``token_cost`` counts what one generated token costs a served
-model: multiply-adds of the loops it ran, of the LM-head calls it paid for and of its prompt's
-prefill (amortised over the generated tokens), and the bytes a decode step streams (the weights
-of one loop, the head when it runs, the keys and values attention reads), shared by the batch.
+than the caches (the memory bound). ``token_cost`` turns a run's counts into what one generated
+token cost: FLOPs of every loop a token row ran (prompt rows in prefill included) and of every
+LM-head row, and the bytes streamed: one loop's weights per loop step and the head's per head
+call (shared by the batch of that step), plus the keys and values every row reads.
 A row's throughput divided by ``flops_per_s / flops`` and by ``bytes_per_s / bytes`` says how
 close it runs to either bound; a row with fewer FLOPs per token has a proportionally higher ceiling.
 Propagate fills (keys/values of exited tokens at deeper loops) and norms are not counted.
