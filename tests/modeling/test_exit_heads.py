@@ -68,3 +68,19 @@ def test_heads_round_trip_through_save_and_load(tmp_path) -> None:
     torch.testing.assert_close(loaded.exit_logits(h, 0), model.exit_logits(h, 0))
     with pytest.raises(ConfigError, match="loops >= 2"):
         _model(loops=1).add_exit_heads(2)
+
+
+def test_rows_at_different_loops_share_one_lm_head_matmul(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The head's weights are read once per call however many loops the rows come from (it dominates a serving step)."""
+    for heads in (False, True):
+        model = _model()
+        if heads:
+            model.add_exit_heads(2)
+        calls = []
+        original = model.lm_logits
+        monkeypatch.setattr(model, "lm_logits", lambda z, original=original: calls.append(z.shape[0]) or original(z))
+        h = torch.randn(4, model.arch.hidden_size)
+        mixed = model.exit_logits(h, [0, 2, 1, 2])
+        assert calls == [4]
+        for row, loop in enumerate([0, 2, 1, 2]):
+            torch.testing.assert_close(mixed[row], original(model.exit_input(h[row : row + 1], loop))[0])

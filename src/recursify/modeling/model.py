@@ -145,20 +145,25 @@ class RecursiveModel(nn.Module):
         row of a 2-D h [rows, hidden] (a serving batch mixing loops). The last loop is ``head``;
         an earlier loop goes through its exit head (modeling/exit_heads.py) when the model has them.
         Every early exit, the last depth, the serving engine and self-speculative drafts call this.
+        Rows at different loops share one LM-head matmul (the head's weights are read once).
         """
+        return self.lm_logits(self.exit_input(h, loop))
+
+    def exit_input(self, h: torch.Tensor, loop: int | list[int]) -> torch.Tensor:
+        """The LM head's input for loop-end states h: the final norm, or a non-final loop's exit head."""
         if isinstance(loop, int):
             if self.exit_heads is None or loop >= self.loops - 1:
-                return self.head(h)
-            return self.lm_logits(self.exit_heads(h, loop))
+                return self.final_norm(h)
+            return self.exit_heads(h, loop)
         if len(loop) != h.shape[0]:
             raise ConfigError(f"exit_logits got {len(loop)} loops for {h.shape[0]} rows")
-        if len(set(loop)) == 1:
-            return self.exit_logits(h, loop[0])
-        out = torch.empty(h.shape[0], self.arch.vocab_size, dtype=h.dtype, device=h.device)
-        for value in sorted(set(loop)):  # one head call per loop present (at most B)
+        if self.exit_heads is None or len(set(loop)) == 1:
+            return self.exit_input(h, loop[0] if self.exit_heads is not None else self.loops - 1)
+        z = torch.empty_like(h)
+        for value in sorted(set(loop)):  # one exit head per loop present (at most B)
             rows = torch.tensor([i for i, b in enumerate(loop) if b == value], device=h.device)
-            out[rows] = self.exit_logits(h[rows], value).to(out.dtype)
-        return out
+            z[rows] = self.exit_input(h[rows], value).to(z.dtype)
+        return z
 
     def add_exit_heads(self, rank: int) -> None:
         """Give every non-final loop an exit head of ``rank`` (initially equal to the shared head); recorded in the config."""
