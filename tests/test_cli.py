@@ -270,3 +270,22 @@ def test_library_never_imports_the_cli() -> None:
         and ("recursify.cli" in path.read_text() or "from recursify import cli" in path.read_text())
     ]
     assert importers == []
+
+
+def test_generate_speculative_and_exit_options(converted: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["generate", str(converted), "--prompt", "ab", "--max-new-tokens", "6"]) == 0
+    plain = capsys.readouterr().out
+    assert main(["generate", str(converted), "--prompt", "ab", "--max-new-tokens", "6", "--speculative", "2x3"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == plain  # lossless: the same greedy text
+    assert "tokens per verify pass" in captured.err
+    assert main(["generate", str(converted), "--prompt", "ab", "--max-new-tokens", "6", "--exit", "fixed:3"]) == 0
+    assert capsys.readouterr().out == plain  # the engine path, every token through all loops
+    for bad in ("1", "0x2", "2x", "ax1"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["generate", str(converted), "--prompt", "a", "--speculative", bad])
+        assert exit_info.value.code == 2
+        assert "BxD" in capsys.readouterr().err
+    assert "1..2 loops" in run_error(["generate", str(converted), "--prompt", "a", "--speculative", "3x2"], capsys)
+    assert "pick one" in run_error(["generate", str(converted), "--prompt", "a", "--speculative", "1x2", "--exit", "fixed:1"], capsys)
+    assert "train-exits" in run_error(["generate", str(converted), "--prompt", "a", "--exit", "gate:0.9"], capsys)

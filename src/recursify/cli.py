@@ -76,6 +76,18 @@ def _command(sub: Any, name: str, func: Callable[[argparse.Namespace], None], he
     return parser
 
 
+def _speculative(value: str) -> Any:
+    from recursify.config import parse_speculative
+
+    try:
+        return parse_speculative(value)
+    except ConfigError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+EXIT_HELP = "none | confidence:TAU | gate:P | saturation:D | ensemble:TAU | agreement:A[:SIGNAL] | fixed:B | oracle"
+
+
 def _positive_int(value: str) -> int:
     if not value.isdigit() or int(value) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
@@ -135,12 +147,25 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     model = load(args.path)
+    stats = None
+    if args.speculative is not None:
+        from recursify.modeling.speculative import SpeculativeStats
+
+        stats = SpeculativeStats()
     for prompt in args.prompt:
         print(prompt, end="", flush=True)
-        pieces = stream_text(model, prompt, args.max_new_tokens, sampling, args.chat, args.precision, not args.no_cache)
+        pieces = stream_text(
+            model, prompt, args.max_new_tokens, sampling, args.chat, args.precision, not args.no_cache, args.speculative, stats, args.exit
+        )
         for piece in pieces:
             print(piece, end="", flush=True)
         print()
+    if stats is not None:
+        print(
+            f"speculative {args.speculative.spec}: {stats.acceptance_rate:.2f} of drafts accepted, "
+            f"{stats.tokens_per_pass:.2f} tokens per verify pass ({stats.rounds} passes)",
+            file=sys.stderr,
+        )
 
 
 def _count(value: str) -> int:
@@ -165,11 +190,11 @@ def cmd_uptrain(args: argparse.Namespace) -> None:
 
     teacher = None if args.no_teacher else (args.teacher or default_teacher(args.student))
     kd_weight = args.kd_weight if args.kd_weight is not None else (1.0 if teacher else 0.0)
-    loss = LossConfig(args.kd, kd_weight, args.temperature, args.exit_loss, args.self_distill)
+    loss = LossConfig(args.kd, kd_weight, args.temperature, args.exit_loss, args.self_distill, args.early_exit_target)
     fields = ["tokens", "cpu_minutes", "seq_len", "batch_tokens", "micro_batch", "lr", "min_lr_ratio", "warmup_steps"]
     fields += ["weight_decay", "clip"]
-    fields += ["exit_ensemble", "precision", "gradient_checkpointing", "save_every", "eval_every", "eval_tokens", "seed"]
-    fields += ["compile", "fused_adamw", "stream", "peak_flops"]
+    fields += ["exit_ensemble", "exit_heads", "freeze_model", "precision", "gradient_checkpointing", "save_every", "eval_every"]
+    fields += ["eval_tokens", "seed", "compile", "fused_adamw", "stream", "peak_flops"]
     options = {name: getattr(args, name) for name in fields}
     config = UptrainConfig(args.student, args.out, teacher, args.data, loss=loss, freeze=args.freeze or [], **options)
     config.resume, config.overwrite, config.quiet = args.resume, args.overwrite, args.quiet
@@ -195,6 +220,29 @@ def cmd_heal(args: argparse.Namespace) -> None:
     print(f"saved to {args.out}")
 
 
+def cmd_train_exits(args: argparse.Namespace) -> None:
+    """Train exit gates on a frozen checkpoint and calibrate its exit signals; writes exit_gates.safetensors and
+    exit_calibration.json into the checkpoint (then serve with --exit gate:P, saturation:D or agreement:A).
+    """
+    from recursify.sources import quiet_transformers
+    from recursify.training.config import TrainExitsConfig
+    from recursify.training.exit_training import train_exits
+
+    fields = ["data", "teacher", "tokens", "calib_tokens", "window", "gate_width", "steps", "batch", "lr", "seed", "quiet"]
+    config = TrainExitsConfig(args.checkpoint, **{name: getattr(args, name) for name in fields})
+    quiet_transformers()
+    print(json.dumps(train_exits(config), indent=2))
+    print(f"saved to {args.checkpoint}")
+
+
+def _gate_width(value: str) -> int | None:
+    if value == "none":
+        return None
+    if not value.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a number of hidden units (0 = linear) or 'none', got {value!r}")
+    return int(value)
+
+
 def cmd_plot(args: argparse.Namespace) -> None:
     """Draw the loss curves (per exit) of an uptrain run to a PNG."""
     from recursify.training.plot import plot_run
@@ -203,7 +251,7 @@ def cmd_plot(args: argparse.Namespace) -> None:
 
 
 def _add_training_commands(sub: Any) -> None:
-    from recursify.training.config import KD_KINDS, LossConfig, UptrainConfig
+    from recursify.training.config import EXIT_TARGETS, KD_KINDS, LossConfig, UptrainConfig
 
     loss, run = LossConfig(), UptrainConfig
     up = _command(sub, "uptrain", cmd_uptrain, help="uptrain (KD, early exits) a converted model")
@@ -229,6 +277,16 @@ def _add_training_commands(sub: Any) -> None:
     up.add_argument("--exit-loss", default=loss.exit_loss, help="none | weighted | aggressive:C")
     up.add_argument("--self-distill", action="store_true", help="earlier exits also learn from the final exit")
     up.add_argument("--exit-ensemble", action="store_true", help="learn weights combining exits 1..b at exit b")
+    up.add_argument(
+        "--early-exit-target",
+        choices=EXIT_TARGETS,
+        default=loss.early_exit_target,
+        help="what earlier exits learn from: teacher or final exit",
+    )
+    up.add_argument(
+        "--exit-heads", type=int, default=run.exit_heads, metavar="RANK", help="add per-loop exit heads of this rank (0 = none)"
+    )
+    up.add_argument("--freeze-model", action="store_true", help="train exit heads / ensemble only; the last loop's output cannot change")
     up.add_argument("--freeze", action="append", metavar="PATTERN", help="freeze matching parameters; '!PATTERN' keeps them (repeat)")
     _add_training_precision(up, run.precision)
     up.add_argument("--gradient-checkpointing", action="store_true", help="recompute each layer visit's activations to save memory")
@@ -257,6 +315,7 @@ def _add_training_commands(sub: Any) -> None:
     up.add_argument("--quiet", action="store_true", help="no progress bar")
 
     _add_heal_command(sub)
+    _add_train_exits_command(sub)
     plot = _command(sub, "plot", cmd_plot, help="draw an uptrain run's loss curves to PNG")
     plot.add_argument("run", help="uptrain output directory (holds metrics.jsonl)")
     plot.add_argument("--out", help="PNG path (default: RUN/loss.png)")
@@ -266,6 +325,25 @@ def _add_training_precision(parser: argparse.ArgumentParser, default: str) -> No
     parser.add_argument(
         "--precision", choices=("auto", *PRECISIONS), default=default, help="auto = bf16 where the hardware computes it natively, else fp32"
     )
+
+
+def _add_train_exits_command(sub: Any) -> None:
+    from recursify.training.config import TrainExitsConfig
+
+    run = TrainExitsConfig
+    exits = _command(sub, "train-exits", cmd_train_exits, help="train exit gates and calibrate exit thresholds of a frozen checkpoint")
+    exits.add_argument("checkpoint", help="checkpoint directory (loops >= 2); gates and calibration are written into it")
+    exits.add_argument("--data", help="file, directory, teacher:N, hf:NAME: train split for gates, held-out split for calibration")
+    exits.add_argument("--teacher", help="samples teacher:N data (default: the model the checkpoint was converted from)")
+    exits.add_argument("--tokens", type=_count, default=run.tokens, help="training tokens for the gates")
+    exits.add_argument("--calib-tokens", type=_count, default=run.calib_tokens, help="held-out tokens for the calibration curves")
+    exits.add_argument("--window", type=_positive_int, default=run.window, help="tokens per forward pass")
+    exits.add_argument("--gate-width", type=_gate_width, default=run.gate_width, help="MLP units per gate, 0 = linear, none = no gates")
+    exits.add_argument("--steps", type=_positive_int, default=run.steps, help="gate training steps")
+    exits.add_argument("--batch", type=_positive_int, default=run.batch, help="(position, loop) samples per step")
+    exits.add_argument("--lr", type=float, default=run.lr, help="gate learning rate")
+    exits.add_argument("--seed", type=int, default=run.seed, help="data order and gate initialisation")
+    exits.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _add_heal_command(sub: Any) -> None:
@@ -485,6 +563,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
     generate.add_argument("--precision", choices=PRECISIONS, default="fp32", help="bf16 autocast is ~2x faster on CPUs with bf16 units")
     generate.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step instead of the KV cache")
+    generate.add_argument(
+        "--speculative", type=_speculative, metavar="BxD", help="self-speculative decoding: draft D tokens with B loops (same output)"
+    )
+    generate.add_argument("--exit", default="none", help=EXIT_HELP + " (served through the engine)")
 
     evaluate = _command(sub, "eval", cmd_eval, help="perplexity, per-loop exits and multiple-choice accuracy")
     evaluate.add_argument("path", help="checkpoint directory, or any --model source (run as the original, loops=1)")
@@ -532,6 +614,11 @@ def cmd_bench_serve(args: argparse.Namespace) -> None:
         data=args.data,
         data_tokens=args.max_tokens,
         log=lambda line: None,
+        agreement_target=args.agreement_target,
+        speculative=args.speculative,
+        single_requests=args.single_requests,
+        transformers=args.transformers,
+        transformers_early_exit=args.transformers_early_exit,
     )
     report = {**result.pop("runs")[args.arrival], **result}  # one workload: the issue's JSON shape
     print(format_summary(report))
@@ -551,7 +638,7 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     model = load(args.run)
     tokens = load_tokens(args.data, require_tokenizer(model), split="heldout", max_tokens=args.max_tokens)
     lengths = [args.new_tokens] * args.requests
-    report = simulate(model, tokens, parse_exit_policy(args.exit, model.loops), lengths, args.max_batch)
+    report = simulate(model, tokens, parse_exit_policy(args.exit, model.loops, model.addons), lengths, args.max_batch)
     print(format_simulation(report, model.loops))
     if args.json:
         _write_report(args.json, report)
@@ -616,6 +703,17 @@ def _add_serving_commands(sub: Any) -> None:
     bench.add_argument("--new-tokens", type=_lengths, default=(16, 32), help="output length range MIN,MAX")
     bench.add_argument("--data", help="held-out text for the simulated comparison (file, directory, hf:NAME); omitted: no simulation")
     bench.add_argument("--max-tokens", type=_positive_int, default=4096, help="held-out tokens for --data trajectories")
+    bench.add_argument(
+        "--agreement-target", type=float, default=0.95, help="rows 5g/5s/5e: gate/saturation/ensemble exits calibrated to this agreement"
+    )
+    bench.add_argument(
+        "--speculative", type=_speculative, metavar="BxD", help="row 7: self-speculative vs greedy generate at batch 1 and 4"
+    )
+    bench.add_argument("--single-requests", type=_positive_int, default=8, help="requests the batch-1 rows (7, 8) decode")
+    bench.add_argument("--transformers", action="store_true", help="row 8: transformers' own generate of --baseline (static batches)")
+    bench.add_argument(
+        "--transformers-early-exit", type=_positive_int, metavar="LAYER", help="row 8e: transformers' assistant_early_exit at batch 1"
+    )
     _add_engine_arguments(bench)
 
     sim = _command(sub, "simulate", cmd_simulate, help="the paper's hypothetical depth-wise batching throughput")
@@ -628,7 +726,7 @@ def _add_serving_commands(sub: Any) -> None:
 
 
 def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--exit", default="confidence:0.9", help="none | confidence:TAU[,..] | fixed:B | oracle")
+    parser.add_argument("--exit", default="confidence:0.9", help=EXIT_HELP)
     parser.add_argument("--max-batch", type=_positive_int, default=EngineConfig.max_batch, help="requests per step")
     parser.add_argument(
         "--precision", choices=PRECISIONS, default=EngineConfig.precision, help="bf16 autocast is ~2x faster on CPUs with bf16 units"

@@ -130,6 +130,9 @@ class RecursionConfig:
             frequency, head by the logits' error on calibration hidden states; needs calibration
             data) or "svd" (plain truncated SVD); see ``conversion/embedding_init.py``.
         embed_params: the parameter budget for input embedding + head that chose the ranks (0 = none).
+        exit_head_rank: rank of the per-loop exit heads in front of the shared LM head at every
+            non-final loop end (0 = none: every exit reads the shared final norm and head); see
+            ``modeling/exit_heads.py``. Added by ``uptrain --exit-heads R``, not by conversion.
     """
 
     loops: int = 1
@@ -151,6 +154,7 @@ class RecursionConfig:
     head_rank: int | str | None = None
     embed_init: str = "weighted"
     embed_params: int = 0
+    exit_head_rank: int = 0
 
     def __post_init__(self) -> None:
         parse_relax(self.relax)
@@ -160,6 +164,10 @@ class RecursionConfig:
         _check_choice("embed_init", self.embed_init, EMBED_INITS)
         if not isinstance(self.embed_params, int) or self.embed_params < 0:
             raise ConfigError(f"embed_params must be a non-negative integer, got {self.embed_params!r}")
+        if not isinstance(self.exit_head_rank, int) or self.exit_head_rank < 0:
+            raise ConfigError(f"exit_head_rank must be a non-negative integer, got {self.exit_head_rank!r}")
+        if self.exit_head_rank and self.loops < 2:
+            raise ConfigError("exit heads need early exits: a model with loops >= 2")
         _check_choice("strategy", self.strategy, STRATEGIES)
         _check_choice("init", self.init, SHARED_INITS)
         _check_choice("lora_init", self.lora_init, LORA_INITS)
@@ -231,3 +239,35 @@ class SamplingConfig:
             raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Self-speculative decoding (modeling/speculative.py): draft with the first loops, verify with the rest.
+
+    Attributes:
+        draft_loops: b, the loops that draft (the exit head at loop b proposes each draft token);
+            1 <= b < the model's loops.
+        draft_tokens: d, draft tokens proposed per verify pass.
+    """
+
+    draft_loops: int = 1
+    draft_tokens: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("draft_loops", "draft_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"speculative {name.replace('_', ' ')} must be a positive integer, got {value!r}")
+
+    @property
+    def spec(self) -> str:
+        return f"{self.draft_loops}x{self.draft_tokens}"
+
+
+def parse_speculative(spec: str) -> SpeculativeConfig:
+    """``"BxD"`` (e.g. ``1x4``: draft with 1 loop, 4 tokens per verify pass) -> SpeculativeConfig."""
+    loops, sep, tokens = spec.partition("x")
+    if not sep or not loops.isdigit() or not tokens.isdigit() or int(loops) < 1 or int(tokens) < 1:
+        raise ConfigError(f"--speculative takes BxD (draft loops x draft tokens, both positive), e.g. 1x4; got {spec!r}")
+    return SpeculativeConfig(int(loops), int(tokens))

@@ -37,6 +37,20 @@ def write_json(path: str | os.PathLike[str], payload: Any) -> Path:
 
 
 @contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """A temp path beside ``path`` for a writer that wants a file name (safetensors); moved into place on success."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, target)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
 def staged_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
     """A fresh sibling directory of ``path`` to fill; renamed into place on success, deleted on any failure.
 

@@ -82,9 +82,14 @@ def test_quick_demo_writes_a_complete_finite_report(finished: Path) -> None:
     assert [row["model"] for row in report["headline"]] == list(report["models"])
     assert all(set(HEADLINE_KEYS) <= set(row) for row in report["headline"])
     exits = report["models"]["relaxed-l3-asvd-r64-exits"]
-    assert any("--exit-loss" in command for command in exits["commands"])
+    assert any("--freeze-model" in command for command in exits["commands"])
+    assert any(command.startswith("recursify train-exits") for command in exits["commands"])
     assert len(exits["eval"]["per_loop"]) == 3
-    assert {row["name"][0] for row in report["serving"]["rows"]} >= {"1", "2", "5"}
+    base = report["models"]["relaxed-l3-asvd-r64"]["eval"]["per_loop"]
+    assert exits["eval"]["per_loop"][-1]["kl_teacher"] == pytest.approx(base[-1]["kl_teacher"], abs=1e-6)  # the last loop is untouched
+    names = {row["name"] for row in report["serving"]["rows"]}
+    assert {name[0] for name in names} >= {"1", "2", "5", "7"} and "5g recursive depthwise+gate" in names
+    assert all(row["identical_output"] for row in report["serving"]["rows"] if row["name"].startswith("7 "))
     assert all(math.isfinite(n) for n in numbers(report))
     for path in PLOTS.values():
         assert (finished / path).stat().st_size > 1000

@@ -10,6 +10,22 @@ import torch
 
 from recursify.modeling.model import RecursiveModel
 from recursify.serving.exit_policy import ExitPolicy
+from recursify.training.exit_ensemble import ensemble_log_probs
+
+
+def exit_signal(
+    kind: str, model: RecursiveModel, loop: int, logits: torch.Tensor, h: torch.Tensor, entering: torch.Tensor
+) -> torch.Tensor | None:
+    """One token's exit signal [1] from first principles: max probability, gate output, or ||h - entering|| / ||entering||."""
+    if kind in ("confidence", "ensemble"):
+        return torch.softmax(logits.float(), -1).amax(-1).reshape(1)
+    if kind == "saturation":
+        return (torch.linalg.vector_norm(h - entering) / torch.linalg.vector_norm(entering)).reshape(1)
+    if kind == "gate":
+        gates = model.addons.gates
+        assert gates is not None
+        return gates(h, entering, loop).reshape(1) if loop < model.loops - 1 else torch.ones(1)
+    return None
 
 
 @torch.no_grad()
@@ -27,7 +43,10 @@ def truncated_greedy(model: RecursiveModel, prompt: list[int], new_tokens: int, 
 def early_exit_greedy(
     model: RecursiveModel, prompt: list[int], new_tokens: int, policy: ExitPolicy, kv_mode: str
 ) -> tuple[list[int], list[int]]:
-    """Greedy tokens and loops run per token, with early exits and propagate/share keys for skipped depths."""
+    """Greedy tokens and loops run per token, with early exits and propagate/share keys for skipped depths.
+
+    The exit head runs at every loop here (the engine runs it only where the policy needs it).
+    """
     block = len(model.layers)
     cache = model.new_cache(1, len(prompt) + new_tokens)
     chunk, outputs, loops_run = list(prompt), [], []
@@ -36,11 +55,16 @@ def early_exit_greedy(
         positions = torch.arange(start, start + seq)[None]
         ctx = model.attention_context(torch.ones(1, start + seq, dtype=torch.long), positions, cache, torch.float32)
         h = model.embed_tokens(torch.tensor([chunk]))
+        history = []
         for loop in range(model.loops):
+            entering = h
             for k in range(block):
                 h = model.shared_layer(k)(h, loop, loop * block + k, ctx)
-            logits = model.head(h[:, -1])
-            if bool(policy.decide(logits, [loop])[0]):
+            logits = model.exit_logits(h[:, -1], loop)
+            history.append(logits)
+            if policy.kind == "ensemble" and loop < model.loops - 1:
+                logits = ensemble_log_probs(model.addons.ensemble, history, loop + 1)
+            if bool(policy.decide([loop], exit_signal(policy.kind, model, loop, logits, h[0, -1], entering[0, -1]))[0]):
                 break
         for deeper in range(loop + 1, model.loops):
             for k in range(block):

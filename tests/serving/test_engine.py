@@ -1,7 +1,8 @@
 """The engine against plain generation: every batching policy, exit policy and KV mode, token for token.
 
 References: ``model.generate`` (no exits), the model truncated to b loops (fixed exits) and a naive
-one-token-at-a-time decoder with exits and propagate/share keys (tests/serving/reference.py).
+one-token-at-a-time decoder with exits (confidence, gate, saturation, ensemble) and propagate/share keys
+(tests/serving/reference.py); the LM head's calls are counted (once per token with hidden-state exits).
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from hypothesis import strategies as st
 from reference import early_exit_greedy, truncated_greedy
 
 import recursify
-from recursify.config import SamplingConfig
+from recursify.config import SamplingConfig, parse_speculative
 from recursify.errors import ConfigError
+from recursify.evaluation.calibration import collect_exit_data
+from recursify.modeling.exit_gates import ExitGates
 from recursify.modeling.model import RecursiveModel
 from recursify.serve import Engine
 from recursify.serving.exit_policy import parse_exit_policy
@@ -304,3 +307,77 @@ def test_bad_options_raise_config_errors() -> None:
         _engine(recursify.convert(tiny_model("llama", seed=3), loops=3, strategy="sequence", progress=False))
     with pytest.raises(ConfigError, match="tokenizer"):
         _engine(model).add_request("text prompt")
+
+
+@cache
+def _exit_model() -> RecursiveModel:
+    """The llama model with random exit gates and a random exit ensemble attached (a copy: other tests see none)."""
+    model = recursify.convert(tiny_model("llama", seed=3), loops=3, init="average", rank=4, progress=False)
+    torch.manual_seed(4)
+    model.addons.gates = ExitGates(model.arch.hidden_size, 3, width=8).eval().requires_grad_(False)
+    model.addons.ensemble = torch.tensor([[0.8, 0.0], [0.3, 0.9]])
+    return model
+
+
+def _median_spec(model: RecursiveModel, kind: str, prompts: list[list[int]]) -> str:
+    """A ``kind`` spec at each loop's median signal, so tokens exit at every loop."""
+    data = collect_exit_data(model, torch.tensor([t for p in prompts for t in p]), window=16)
+    medians = data.scores[kind].median(dim=0).values.tolist()
+    return f"{kind}:" + ",".join(f"{m:.6f}" for m in medians)
+
+
+@pytest.mark.parametrize("kind", ["gate", "saturation", "ensemble"])
+def test_gate_saturation_and_ensemble_exits_match_naive_decoder(kind: str) -> None:
+    model = _exit_model()
+    prompts = [_prompt(130 + i, n) for i, n in enumerate((6, 3, 9, 1))]
+    spec = _median_spec(model, kind, [_prompt(135 + i, 16) for i in range(4)])
+    engine = _engine(model, batching="depthwise", max_batch=3, exit=spec)
+    outputs = {out.request_id: out for out in engine.generate(prompts, max_new_tokens=NEW, stop_token_ids=[])}
+    all_loops = []
+    for i, prompt in enumerate(prompts):
+        tokens, loops_run = early_exit_greedy(model, prompt, NEW, parse_exit_policy(spec, 3, model.addons), "propagate")
+        assert outputs[f"req-{i}"].token_ids == tokens
+        assert outputs[f"req-{i}"].loops_run == loops_run
+        all_loops += loops_run
+    assert {1, 2, 3} <= set(all_loops), "the thresholds should make tokens exit at every loop"
+
+
+@pytest.mark.parametrize(("kind", "head_every_loop"), [("gate", False), ("saturation", False), ("confidence", True)])
+def test_lm_head_runs_once_per_token_with_hidden_state_exits(kind: str, head_every_loop: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _exit_model()
+    prompts = [_prompt(140 + i, n) for i, n in enumerate((5, 8, 2))]
+    spec = _median_spec(model, kind, [_prompt(145 + i, 16) for i in range(3)])
+    rows = []
+    original = model.lm_logits
+    monkeypatch.setattr(model, "lm_logits", lambda z: rows.append(z.reshape(-1, z.shape[-1]).shape[0]) or original(z))
+    outputs = list(_engine(model, max_batch=3, exit=spec).generate(prompts, max_new_tokens=NEW, stop_token_ids=[]))
+    tokens = sum(len(out.token_ids) for out in outputs)
+    loops = sum(sum(out.loops_run) for out in outputs)
+    assert sum(rows) == (loops if head_every_loop else tokens)
+    assert 3 * tokens > loops > tokens  # tokens left at different loops
+
+
+def test_speculative_engine_serves_one_request_at_a_time_like_generate() -> None:
+    model = _model("gemma2", 2)  # sliding windows; its loop-1 drafts are often accepted
+    prompts = [_prompt(150 + i, n) for i, n in enumerate((5, 9, 2))]
+    engine = _engine(model, max_batch=1, speculative="1x3")
+    outputs = {out.request_id: out for out in engine.generate(prompts, max_new_tokens=NEW, stop_token_ids=[])}
+    for i, prompt in enumerate(prompts):
+        assert outputs[f"req-{i}"].token_ids == _generate("gemma2", 2, tuple(prompt)), i
+        assert outputs[f"req-{i}"].finish_reason == "length"
+    assert engine.speculative_stats.rounds > 0 and engine.stats.steps < len(prompts) * NEW  # several tokens per step
+    sampling = SamplingConfig(temperature=0.8, top_k=5, seed=3)
+    reference = model.generate(
+        torch.tensor([prompts[0]]), max_new_tokens=NEW, eos_token_ids=[], sampling=sampling, speculative=parse_speculative("1x3")
+    )
+    served = _serve(_engine(model, max_batch=1, speculative="1x3"), prompts[:1], sampling=sampling)
+    assert served["req-0"] == reference[0, len(prompts[0]) :].tolist()
+    free = _generate("gemma2", 2, tuple(prompts[1]))
+    stopped = next(_engine(model, max_batch=1, speculative="1x3").generate([prompts[1]], max_new_tokens=NEW, stop_token_ids=[free[4]]))
+    assert stopped.token_ids == free[: free.index(free[4]) + 1] and stopped.finish_reason == "stop"
+    with pytest.raises(ConfigError, match="max_batch=1"):
+        _engine(model, max_batch=2, speculative="1x3")
+    with pytest.raises(ConfigError, match="BxD"):
+        _engine(model, max_batch=1, speculative="1")
+    with pytest.raises(ConfigError, match="1..1 loops"):
+        _engine(model, max_batch=1, speculative="2x3")

@@ -1,4 +1,4 @@
-"""Exit ensembles: identity at init, the geometric-ensemble formula, save/attach round trip."""
+"""Exit ensembles: identity at init, the geometric-ensemble formula, save / ``recursify.load`` round trip."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from recursify import load
 from recursify.errors import CheckpointError
 from recursify.training.exit_ensemble import (
     ExitEnsemble,
-    attach_exit_ensemble,
     ensemble_log_probs,
     exit_distribution,
     load_exit_ensemble,
@@ -40,19 +39,22 @@ def test_geometric_ensemble_formula() -> None:
     torch.testing.assert_close(ensemble_log_probs(weights, exits[:1], 1).double(), F.log_softmax(0.7 * logp[0], -1), rtol=1e-5, atol=1e-6)
 
 
-def test_save_attach_and_exit_distribution(tiny_run, tmp_path) -> None:
-    model = load(tiny_run["student"])  # loops=3
+def test_save_load_and_exit_distribution(tiny_run, tmp_path) -> None:
+    tmp_path = tmp_path / "student"
+    load(tiny_run["student"]).save_pretrained(tmp_path)  # loops=3
+    model = load(tmp_path)
     exits = _exits(3, seed=2)
-    assert not attach_exit_ensemble(model, tmp_path)
+    assert model.addons.ensemble is None
     torch.testing.assert_close(exit_distribution(model, exits, 2), F.softmax(exits[1], -1))
     ensemble = ExitEnsemble(3)
     with torch.no_grad():
         ensemble.weights.copy_(torch.tensor([[0.5, 0.0], [0.25, 0.9]]))
     save_exit_ensemble(ensemble, tmp_path)
-    assert attach_exit_ensemble(model, tmp_path)
+    model = load(tmp_path)  # recursify.load attaches the ensemble saved beside the weights
+    assert model.addons.ensemble is not None
     torch.testing.assert_close(exit_distribution(model, exits, 2), ensemble_log_probs(ensemble.weights.detach(), exits, 2).exp())
     torch.testing.assert_close(exit_distribution(model, exits, 3), F.softmax(exits[2], -1))  # the last exit is never ensembled
-    assert "exit_ensemble_weights" not in model.state_dict()
+    assert not any("ensemble" in name for name in model.state_dict())
     torch.testing.assert_close(load_exit_ensemble(tmp_path, 3).weights.detach(), ensemble.weights.detach())
     with pytest.raises(CheckpointError, match="exits"):
         load_exit_ensemble(tmp_path, 4)

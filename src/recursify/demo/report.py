@@ -52,7 +52,7 @@ def _step_keys(name: str) -> list[str]:
     if name == "original":
         return ["evaluate/original"]
     if name == EXIT_MODEL + EXITS_SUFFIX:
-        return [f"convert/{EXIT_MODEL}", f"uptrain/{EXIT_MODEL}", f"uptrain/{name}", f"evaluate/{name}"]
+        return [f"convert/{EXIT_MODEL}", f"uptrain/{EXIT_MODEL}", f"uptrain/{name}", f"exits/{name}", f"evaluate/{name}"]
     return [f"convert/{name}", f"uptrain/{name}", f"evaluate/{name}"]
 
 
@@ -98,7 +98,9 @@ def build_report(demo: Demo) -> dict[str, Any]:
     models: dict[str, Any] = {}
     descriptions = {spec.name: spec.description for spec in GRID}
     descriptions["original"] = f"the source model {demo.options.model}"
-    descriptions[EXIT_MODEL + EXITS_SUFFIX] = f"{descriptions[EXIT_MODEL]}, then early-exit post-training"
+    descriptions[EXIT_MODEL + EXITS_SUFFIX] = (
+        f"{descriptions[EXIT_MODEL]}, then per-loop exit heads trained with the model frozen, exit gates and an agreement calibration"
+    )
     for name, path in demo.evaluated_models().items():
         markers = [demo.steps.done(key) or {} for key in _step_keys(name)]
         evaluated = json.loads(demo.eval_json(name).read_text(encoding="utf-8"))
@@ -177,11 +179,17 @@ def serving_table(report: dict[str, Any]) -> str:
             serving["ratios"]["vs_static"][row["name"]],
             row["mean_loops"],
             row["agreement"],
+            row.get("positional_agreement"),
+            row.get("identical_output"),
             row["ttft_p50_ms"],
         ]
         for row in serving["rows"]
     ]
-    return "\n".join(_table(["configuration", "tokens/s", "× vanilla static", "mean loops", "agreement", "TTFT p50 (ms)"], rows))
+    header = ["configuration", "tokens/s", "× vanilla static", "mean loops", "agreement", "positional agreement", "identical output"]
+    lines = _table([*header, "TTFT p50 (ms)"], rows)
+    extra = {key: value for key, value in serving["ratios"].items() if key not in ("vs_static", "vs_sequence")}
+    lines += [""] + [f"- {key}: {value:.2f}" for key, value in extra.items()]
+    return "\n".join(lines)
 
 
 def format_markdown(report: dict[str, Any]) -> str:
@@ -218,6 +226,12 @@ def format_markdown(report: dict[str, Any]) -> str:
         rows = [[e["loop"], e["ppl"], e.get("kl_teacher"), e["agree_final"]] for e in per_loop]
         lines += _table(["exit after loop", "ppl", "KL to original", "agreement with final"], rows) + [""]
     lines += ["## Serving", "", f"`{report['serving']['command']}`", "", serving_table(report), ""]
+    lines += [
+        "*agreement*: generated tokens equal to the same model's full-depth greedy token after the same prefix; *positional "
+        "agreement*: equal, position by position, to its no-exit output; rows 5g / 5s: gate and saturation exits at the "
+        "calibrated agreement; row 7: self-speculative decoding (draft with loop 1) against greedy decoding at the same batch.",
+        "",
+    ]
     lines += ["## Plots", ""] + [f"![{name}]({path})" for name, path in report["plots"].items()] + [""]
     lines += ["## Commands to reproduce each row", ""]
     for name, entry in report["models"].items():

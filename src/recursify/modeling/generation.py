@@ -10,21 +10,33 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
-from recursify.config import SamplingConfig
+from recursify.config import SamplingConfig, SpeculativeConfig
 from recursify.errors import ConfigError
 
 if TYPE_CHECKING:
     from recursify.modeling.model import RecursiveModel
+    from recursify.modeling.speculative import SpeculativeStats
 
 
 def sample_next(logits: torch.Tensor, config: SamplingConfig, generator: torch.Generator | None = None) -> torch.Tensor:
     """Pick the next token for each row of logits [batch, vocab] -> [batch]."""
     if config.temperature == 0.0:
         return logits.argmax(dim=-1)
+    return torch.multinomial(sampling_probs(logits, config), num_samples=1, generator=generator).squeeze(-1)
+
+
+def sampling_probs(logits: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
+    """The distribution ``sample_next`` draws from (temperature, top-k, top-p applied): [..., vocab] float32.
+
+    Greedy (temperature 0) is the point mass on the argmax.
+    """
+    if config.temperature == 0.0:
+        return nn.functional.one_hot(logits.argmax(dim=-1), logits.shape[-1]).float()
     scores = logits.float() / config.temperature
     if config.top_k > 0:
-        kth = torch.topk(scores, min(config.top_k, scores.shape[-1]), dim=-1).values[:, -1:]
+        kth = torch.topk(scores, min(config.top_k, scores.shape[-1]), dim=-1).values[..., -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))
     if config.top_p < 1.0:
         sorted_scores, order = torch.sort(scores, descending=True, dim=-1)
@@ -33,8 +45,7 @@ def sample_next(logits: torch.Tensor, config: SamplingConfig, generator: torch.G
         drop_sorted = (cumulative - torch.softmax(sorted_scores, dim=-1)) >= config.top_p
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         scores = scores.masked_fill(drop, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    return torch.softmax(scores, dim=-1)
 
 
 def stream(
@@ -46,6 +57,8 @@ def stream(
     eos_token_ids: list[int] | None = None,
     pad_token_id: int | None = None,
     use_cache: bool = True,
+    speculative: SpeculativeConfig | None = None,
+    speculative_stats: SpeculativeStats | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row ([batch]) until ``max_new_tokens`` or all rows hit EOS.
 
@@ -59,6 +72,9 @@ def stream(
             to never stop early.
         pad_token_id: emitted by finished rows; the model's pad (or first EOS) when omitted.
         use_cache: decode with the per-depth KV cache (True) or recompute the whole sequence.
+        speculative: self-speculative decoding (modeling/speculative.py): the first loops draft,
+            the rest verify; the output is exactly plain decoding's (greedy: token for token).
+        speculative_stats: filled with acceptance counts when ``speculative`` is given.
     """
     if max_new_tokens < 0:
         raise ConfigError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -71,6 +87,16 @@ def stream(
     batch = input_ids.shape[0]
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
+    if speculative is not None:
+        if not use_cache:
+            raise ConfigError("speculative decoding reuses the drafts' keys/values: it needs the KV cache (drop --no-cache)")
+        from recursify.modeling.speculative import speculative_stream
+
+        with torch.no_grad():
+            yield from speculative_stream(
+                model, input_ids, attention_mask, max_new_tokens, sampling, eos, pad, generator, speculative, speculative_stats
+            )
+        return
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     cache = model.new_cache(batch, input_ids.shape[1] + max_new_tokens) if use_cache else None
     tokens, mask, new_input = input_ids, attention_mask, input_ids

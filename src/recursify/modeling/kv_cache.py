@@ -56,6 +56,32 @@ class KVCache:
         """Move the write position once every depth has stored the step's tokens."""
         self.length += new_tokens
 
+    def rewind(self, length: int) -> None:
+        """Move the write position back to ``length``: later slots are dropped (overwritten by the next writes)."""
+        if not 0 <= length <= self.length:
+            raise ConfigError(f"cannot rewind a KV cache of length {self.length} to {length}")
+        self.length = length
+
+    def right_align(self, ends: list[int], length: int) -> None:
+        """Move row r's slots [0, ends[r]) to end at ``length`` (slots in front of them become junk) and set the length.
+
+        Self-speculative decoding keeps a different number of tokens per row after a verify pass;
+        aligning every row's last kept token to one write position keeps one cache length for the
+        batch. The caller marks the freed front slots as padding in the attention mask, so
+        distances between real tokens (sliding windows) stay what they were.
+        """
+        if self.keys is None or self.values is None:
+            raise ConfigError("right_align needs a written cache")
+        end = torch.tensor(ends, device=self.keys.device)
+        if bool((end > length).any()) or bool((end > self.length).any()) or len(ends) != self.batch_size:
+            raise ConfigError(f"cannot align rows ending at {ends} to end at {length} (cache length {self.length})")
+        if bool((end < length).any()):
+            source = torch.arange(length, device=end.device)[None] - (length - end)[:, None]  # (batch, length) slot to read
+            index = source.clamp(min=0)[None, :, None, :, None].expand(self.num_depths, -1, self.num_kv_heads, -1, self.head_dim)
+            self.keys[:, :, :, :length] = self.keys.gather(3, index)
+            self.values[:, :, :, :length] = self.values.gather(3, index)
+        self.length = length
+
     def nbytes(self) -> int:
         """Bytes held by the preallocated buffers (0 before the first write)."""
         if self.keys is None or self.values is None:

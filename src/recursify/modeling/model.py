@@ -21,6 +21,8 @@ from recursify.config import LINEARS, ArchConfig, RecursionConfig
 from recursify.errors import CheckpointError, ConfigError, RecursifyError
 from recursify.modeling.attention import RopeTables, build_masks
 from recursify.modeling.embedding import FactorizedEmbedding, build_embedding, embedding_layout
+from recursify.modeling.exit_addons import ExitAddons, attach_exit_addons
+from recursify.modeling.exit_heads import ExitHeads
 from recursify.modeling.kv_cache import AttentionContext, KVCache
 from recursify.modeling.layers import FOLDABLE_NORMS, SharedLayer, norm_names
 from recursify.modeling.lora import DepthRMSNorm
@@ -86,6 +88,8 @@ class RecursiveModel(nn.Module):
         self.embed, self.lm_head = build_embedding(arch, self.embedding_layout)
         self.layers = nn.ModuleList(layers)
         self.final_norm = DepthRMSNorm(arch.hidden_size, 1, arch.rms_norm_eps, arch.norm_offset)
+        self.exit_heads = self._new_exit_heads(recursion.exit_head_rank) if recursion.exit_head_rank else None
+        self.addons = ExitAddons()  # gates, ensemble, calibration read from beside a checkpoint (recursify.load); not weights
         for kind in arch.rope_kinds:
             self.register_buffer(rope_buffer_name(kind), torch.zeros(arch.head_dim // 2))
 
@@ -124,22 +128,77 @@ class RecursiveModel(nn.Module):
         return h
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
-        """Final norm + LM head (+ Gemma2 soft-cap): used by the last depth and by every early exit.
+        """Final norm + LM head (+ Gemma2 soft-cap): the last loop's exit (see ``exit_logits`` for any loop)."""
+        return self.lm_logits(self.final_norm(h))
+
+    def lm_logits(self, z: torch.Tensor) -> torch.Tensor:
+        """The LM head (+ soft-cap) on a normalised hidden state z [..., hidden] -> [..., vocab].
 
         The head is the input embedding (tied), its own dense matrix or low-rank factors
         (``modeling/embedding.py``); factors project through their rank, which is what makes a
         factorised head cheaper at every exit.
         """
-        normed = self.final_norm(h)
         head = self.embed if self.lm_head is None else self.lm_head
         if isinstance(head, FactorizedEmbedding):
-            logits = head.project(normed)
+            logits = head.project(z)
         else:
             assert isinstance(head, (nn.Embedding, nn.Linear))
-            logits = nn.functional.linear(normed, head.weight)
+            logits = nn.functional.linear(z, head.weight)
         if self.arch.final_softcap is not None:
             logits = torch.tanh(logits / self.arch.final_softcap) * self.arch.final_softcap
         return logits
+
+    def exit_logits(self, h: torch.Tensor, loop: int | list[int]) -> torch.Tensor:
+        """Next-token logits of a token leaving the stack at the end of (0-based) ``loop``: the one "exit -> logits" map.
+
+        h: [..., hidden] loop-end hidden states; ``loop`` is one loop for all of them, or one per
+        row of a 2-D h [rows, hidden] (a serving batch mixing loops). The last loop is ``head``;
+        an earlier loop goes through its exit head (modeling/exit_heads.py) when the model has them.
+        Every early exit, the last depth, the serving engine and self-speculative drafts call this.
+        Rows at different loops share one LM-head matmul (the head's weights are read once).
+        """
+        return self.lm_logits(self.exit_input(h, loop))
+
+    def exit_input(self, h: torch.Tensor, loop: int | list[int]) -> torch.Tensor:
+        """The LM head's input for loop-end states h: the final norm, or a non-final loop's exit head."""
+        if isinstance(loop, int):
+            if self.exit_heads is None or loop >= self.loops - 1:
+                return self.final_norm(h)
+            return self.exit_heads(h, loop)
+        if len(loop) != h.shape[0]:
+            raise ConfigError(f"exit_logits got {len(loop)} loops for {h.shape[0]} rows")
+        if self.exit_heads is None or len(set(loop)) == 1:
+            return self.exit_input(h, loop[0] if self.exit_heads is not None else self.loops - 1)
+        z = torch.empty_like(h)
+        for value in sorted(set(loop)):  # one exit head per loop present (at most B)
+            rows = torch.tensor([i for i, b in enumerate(loop) if b == value], device=h.device)
+            z[rows] = self.exit_input(h[rows], value).to(z.dtype)
+        return z
+
+    def add_exit_heads(self, rank: int) -> None:
+        """Give every non-final loop an exit head of ``rank`` (initially equal to the shared head); recorded in the config."""
+        if self.exit_heads is not None:
+            raise ConfigError(f"this model already has exit heads (rank {self.recursion.exit_head_rank})")
+        self.exit_heads = self._new_exit_heads(rank).to(self.device)
+        self.recursion = dataclasses.replace(self.recursion, exit_head_rank=rank)
+
+    def _new_exit_heads(self, rank: int) -> ExitHeads:
+        if self.loops < 2:
+            raise ConfigError("exit heads need early exits: a model with loops >= 2")
+        heads = ExitHeads(self.arch.hidden_size, self.loops, rank, self.arch.rms_norm_eps, self.arch.norm_offset)
+        heads.init_from(self.final_norm)
+        return heads
+
+    def run_loops(self, h: torch.Tensor, ctx: AttentionContext, first: int, stop: int) -> torch.Tensor:
+        """Run the depths of loops ``first .. stop - 1`` on h [batch, seq, hidden] (the state entering loop ``first``).
+
+        ``forward`` is ``run_loops(embeddings, ctx, 0, loops)`` plus exits; self-speculative decoding
+        runs the first loops to draft and the rest to verify (modeling/speculative.py).
+        """
+        for slot in self.schedule:
+            if first <= slot.loop < stop:
+                h = self.shared_layer(slot.layer)(h, slot.visit, slot.depth, ctx)
+        return h
 
     def forward(
         self,
@@ -180,7 +239,7 @@ class RecursiveModel(nn.Module):
             if hidden is not None:
                 hidden.append(h)
             if exits is not None and slot.depth in self.exit_depths:
-                exits.append(self.head(h[:, keep]))
+                exits.append(self.exit_logits(h[:, keep], slot.loop))
         if cache is not None:
             cache.advance(seq)
         logits = exits[-1] if exits else self.head(h[:, keep])
@@ -258,6 +317,9 @@ class RecursiveModel(nn.Module):
     def from_pretrained(cls, directory: str | os.PathLike[str], device: str | torch.device = "cpu") -> RecursiveModel:
         """A checkpoint directory written by ``save_pretrained`` (weights via safetensors only), in eval mode.
 
+        Exit gates, an exit ensemble and an exit calibration saved beside the weights are attached
+        as ``model.addons`` (modeling/exit_addons.py).
+
         ``recursify.load`` opens any source; this opens recursify checkpoints only, with errors that
         say what is wrong with one.
         """
@@ -283,7 +345,9 @@ class RecursiveModel(nn.Module):
             ) from err
         model.report = config.get("report", {})
         model.tokenizer = checkpoint.load_tokenizer(path)
-        return model.to(device).eval()
+        model = model.to(device).eval()
+        attach_exit_addons(model, path)  # gates, exit ensemble, calibration saved beside the weights
+        return model
 
 
 def rope_buffer_name(layer_type: str) -> str:

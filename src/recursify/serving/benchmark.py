@@ -11,16 +11,19 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
 
+from recursify.config import SpeculativeConfig
 from recursify.data import load_tokens
 from recursify.errors import ConfigError
 from recursify.modeling.model import RecursiveModel
 from recursify.serving.config import EngineConfig
 from recursify.serving.engine import Engine, EngineStats, RequestOutput
 from recursify.serving.exit_policy import parse_exit_policy
+from recursify.serving.roofline import ModelSizes, Roofline, measure_roofline, token_cost
 from recursify.serving.simulate import simulate
 from recursify.text import precision_context, require_tokenizer
 
@@ -98,7 +101,14 @@ def make_workload(
 
 @dataclass
 class RowResult:
-    """One measured configuration (field names are the JSON schema of ``bench-serve --json``)."""
+    """One measured configuration (field names are the JSON schema of ``bench-serve --json``).
+
+    ``agreement`` is token-level: the fraction of generated tokens equal to the served model's own
+    full-depth greedy token after the same prefix (recomputed by teacher forcing; what exit
+    calibration targets); ``positional_agreement`` compares position by position with the same
+    model's no-exit output (stricter: one early divergence changes the rest of a greedy
+    continuation). Engine rows only; latencies are None for rows measured through ``generate``.
+    """
 
     name: str
     model: str
@@ -106,10 +116,10 @@ class RowResult:
     exit: str
     kv_mode: str
     tokens_per_s: float
-    ttft_p50_ms: float
-    ttft_p99_ms: float
-    tpot_p50_ms: float
-    tpot_p99_ms: float
+    ttft_p50_ms: float | None
+    ttft_p99_ms: float | None
+    tpot_p50_ms: float | None
+    tpot_p99_ms: float | None
     mean_loops: float
     agreement: float | None
     wall_s: float
@@ -117,6 +127,11 @@ class RowResult:
     steps: int
     mean_batch: float
     scheduler_share: float
+    positional_agreement: float | None = None
+    target_agreement: float | None = None
+    identical_output: bool | None = None
+    counts: dict[str, float] = field(default_factory=dict)  # per generated token: loop_passes, head_rows, loop_steps, head_steps
+    roofline: dict[str, float] = field(default_factory=dict)  # flops/bytes per token, bound tokens/s, fractions of each bound
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -169,6 +184,12 @@ def measure(
     loops = [loop for out in outputs.values() for loop in out.loops_run]
     generated = {rid: out.token_ids for rid, out in outputs.items()}
     stats = engine.stats
+    counts = {
+        "loop_passes": stats.row_loops / max(tokens, 1),
+        "head_rows": stats.head_rows / max(tokens, 1),
+        "loop_steps": stats.steps / max(tokens, 1),
+        "head_steps": stats.head_steps / max(tokens, 1),
+    }
     row = RowResult(
         name=name,
         model=label,
@@ -181,14 +202,32 @@ def measure(
         tpot_p50_ms=percentile(tpot, 0.5),
         tpot_p99_ms=percentile(tpot, 0.99),
         mean_loops=sum(loops) / max(len(loops), 1),
-        agreement=agreement(generated, reference) if reference is not None else None,
+        agreement=None,
+        positional_agreement=agreement(generated, reference) if reference is not None else None,
+        target_agreement=engine.policy.target,
         wall_s=wall,
         tokens=tokens,
         steps=stats.steps,
         mean_batch=stats.items / max(stats.steps, 1),
         scheduler_share=(stats.schedule_s + stats.update_s) / max(stats.schedule_s + stats.update_s + stats.execute_s, 1e-9),
+        counts=counts,
     )
     return row, generated
+
+
+@torch.no_grad()
+def token_agreement(model: RecursiveModel, workload: Workload, outputs: dict[str, list[int]], precision: str = "fp32") -> float:
+    """Fraction of generated tokens equal to ``model``'s full-depth greedy token after the same prefix (teacher forcing)."""
+    same = total = 0
+    for i, prompt in enumerate(workload.prompts):
+        tokens = outputs.get(f"w{i}", [])
+        if not tokens:
+            continue
+        with precision_context(precision, model.device):
+            logits = model(torch.tensor([prompt + tokens[:-1]], device=model.device)).logits[0, len(prompt) - 1 :]
+        same += int((logits.argmax(-1).cpu() == torch.tensor(tokens)).sum())
+        total += len(tokens)
+    return same / max(total, 1)
 
 
 def agreement(outputs: dict[str, list[int]], reference: dict[str, list[int]]) -> float:
@@ -203,18 +242,58 @@ def agreement(outputs: dict[str, list[int]], reference: dict[str, list[int]]) ->
 
 def format_table(rows: list[RowResult], ratios: dict[str, dict[str, float]]) -> str:
     header = (
-        f"{'row':<34}{'tok/s':>8}{'x static':>9}{'x seq':>7}{'TTFT p50/p99 ms':>18}{'TPOT p50/p99 ms':>18}"
-        f"{'loops':>7}{'agree':>7}{'batch':>7}"
+        f"{'row':<36}{'tok/s':>8}{'x static':>9}{'x seq':>7}{'TTFT p50/p99 ms':>18}{'TPOT p50/p99 ms':>18}"
+        f"{'loops':>7}{'agree':>7}{'pos.':>7}{'batch':>7}{'%comp':>7}{'%mem':>7}"
     )
     lines = [header, "-" * len(header)]
+
+    def number(value: float | None, digits: int = 3) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
+
     for row in rows:
-        agree = "-" if row.agreement is None else f"{row.agreement:.3f}"
+        ttft = "-" if row.ttft_p50_ms is None else f"{row.ttft_p50_ms:.0f}/{row.ttft_p99_ms:.0f}"
+        tpot = "-" if row.tpot_p50_ms is None else f"{row.tpot_p50_ms:.0f}/{row.tpot_p99_ms:.0f}"
+        compute, memory = row.roofline.get("compute_fraction"), row.roofline.get("memory_fraction")
         lines.append(
-            f"{row.name:<34}{row.tokens_per_s:>8.1f}{ratios['vs_static'][row.name]:>9.2f}{ratios['vs_sequence'][row.name]:>7.2f}"
-            f"{f'{row.ttft_p50_ms:.0f}/{row.ttft_p99_ms:.0f}':>18}{f'{row.tpot_p50_ms:.0f}/{row.tpot_p99_ms:.0f}':>18}"
-            f"{row.mean_loops:>7.2f}{agree:>7}{row.mean_batch:>7.1f}"
+            f"{row.name:<36}{row.tokens_per_s:>8.1f}{ratios['vs_static'][row.name]:>9.2f}{ratios['vs_sequence'][row.name]:>7.2f}"
+            f"{ttft:>18}{tpot:>18}{row.mean_loops:>7.2f}{number(row.agreement):>7}{number(row.positional_agreement):>7}"
+            f"{row.mean_batch:>7.1f}{number(100 * compute if compute is not None else None, 0):>7}"
+            f"{number(100 * memory if memory is not None else None, 0):>7}"
         )
     return "\n".join(lines)
+
+
+@dataclass
+class ExtraRows:
+    """Rows beside the engine's baseline rows, all measured in the same rounds.
+
+    Attributes:
+        exits: row name -> exit spec of more depth-wise rows of the recursive model (5g gates, 5s
+            saturation, 5e exit ensemble; e.g. ``agreement:0.95:gate``).
+        speculative: row 7: self-speculative decoding vs greedy ``generate`` of the recursive model,
+            at each of ``speculative_batches`` (static groups), plus the original's greedy at batch 1.
+        single_requests: requests the batch-1 rows decode (one at a time: the slowest rows).
+        transformers: the baseline as Hugging Face transformers' own model: row 8, its ``generate``
+            at ``max_batch`` (static groups), and at batch 1 with and without ``assistant_early_exit``.
+        transformers_early_exit: the layer its early-exit self-speculation drafts from (None: skip).
+    """
+
+    exits: dict[str, str] = field(default_factory=dict)
+    speculative: SpeculativeConfig | None = None
+    speculative_batches: tuple[int, ...] = (1, 4)
+    single_requests: int | None = 8
+    transformers: Any | None = None
+    transformers_early_exit: int | None = None
+
+
+@dataclass
+class _Plan:
+    name: str
+    run: Callable[[], tuple[RowResult, dict[str, list[int]]]]
+    model: RecursiveModel  # whose sizes price the row (and whose greedy tokens its agreement is measured against)
+    reference: str | None = None  # the row whose outputs are the positional reference
+    identical_to: str | None = None  # the row whose outputs must be identical (self-speculation vs greedy)
+    exits: bool = False  # a recursive engine row: measure its token agreement
 
 
 def bench_serve(
@@ -231,55 +310,157 @@ def bench_serve(
     relaxed_label: str = "relaxed",
     relaxed_exit: str | None = None,
     rounds: int = 1,
+    extra: ExtraRows | None = None,
 ) -> dict[str, Any]:
     """The issue's rows on one workload: vanilla static/sequence vs recursive sequence/depth-wise, with and without exits.
 
-    Rows 5s (KV ``share`` instead of ``propagate`` for exited tokens) and 5q (sequence-wise with
-    exits) isolate what each ingredient gives; with ``relaxed``, row 6n (the relaxed model without
-    exits, the reference for row 6's agreement) and row 6 (relaxed, depth-wise + exit) follow;
-    ``relaxed_exit`` (default ``exit_spec``) is row 6's rule, since confidence thresholds are calibrated per model.
-    With ``rounds`` > 1 every row runs again in each round and keeps its fastest round (outputs are
-    deterministic; only timing varies), the usual best-of-N on a machine shared with other jobs.
+    Rows 5k (KV ``share`` instead of ``propagate`` for exited tokens) and 5q (sequence-wise with
+    exits) isolate what each ingredient gives; ``extra`` adds more exit rules (5g, 5s, 5e),
+    self-speculation (7) and transformers' own generate (8); with ``relaxed``, row 6n (the relaxed
+    model without exits) and row 6 (relaxed, depth-wise + exit) follow; ``relaxed_exit`` (default
+    ``exit_spec``) is row 6's rule. With ``rounds`` > 1 every row runs again in each round and keeps
+    its fastest round (outputs are deterministic; only timing varies), the usual best-of-N on a
+    machine shared with other jobs.
     """
     if baseline.loops != 1:
         raise ConfigError(f"--baseline must be the original model (loops=1), got one with {baseline.loops} loops")
+    extra = extra or ExtraRows()
+
+    def engine(served: RecursiveModel, label: str, batching: str, rule: str, kv_mode: str, reference: str | None, name: str) -> _Plan:
+        config = EngineConfig(batching=batching, max_batch=max_batch, exit=rule, kv_mode=kv_mode, precision=precision)
+        return _Plan(
+            name,
+            lambda: measure(name, served, label, config, workload),
+            served,
+            reference,
+            exits=served.loops > 1,
+        )
+
     plans = [
-        ("1 vanilla static", baseline, baseline_label, "static", "none", "propagate", None),
-        ("2 vanilla sequence", baseline, baseline_label, "sequence", "none", "propagate", "1 vanilla static"),
-        ("3 recursive sequence", model, model_label, "sequence", "none", "propagate", None),
-        ("4 recursive depthwise", model, model_label, "depthwise", "none", "propagate", "3 recursive sequence"),
-        (ROW5, model, model_label, "depthwise", exit_spec, "propagate", "3 recursive sequence"),
-        ("5s recursive depthwise+exit share", model, model_label, "depthwise", exit_spec, "share", "3 recursive sequence"),
-        ("5q recursive sequence+exit", model, model_label, "sequence", exit_spec, "propagate", "3 recursive sequence"),
+        engine(baseline, baseline_label, "static", "none", "propagate", None, "1 vanilla static"),
+        engine(baseline, baseline_label, "sequence", "none", "propagate", "1 vanilla static", "2 vanilla sequence"),
+        engine(model, model_label, "sequence", "none", "propagate", None, "3 recursive sequence"),
+        engine(model, model_label, "depthwise", "none", "propagate", "3 recursive sequence", "4 recursive depthwise"),
+        engine(model, model_label, "depthwise", exit_spec, "propagate", "3 recursive sequence", ROW5),
+        engine(model, model_label, "depthwise", exit_spec, "share", "3 recursive sequence", "5k recursive depthwise+exit share"),
+        engine(model, model_label, "sequence", exit_spec, "propagate", "3 recursive sequence", "5q recursive sequence+exit"),
+    ]
+    plans += [
+        engine(model, model_label, "depthwise", rule, "propagate", "3 recursive sequence", name) for name, rule in extra.exits.items()
     ]
     if relaxed is not None:
         plans += [
-            ("6n relaxed depthwise", relaxed, relaxed_label, "depthwise", "none", "propagate", None),
-            (ROW6, relaxed, relaxed_label, "depthwise", relaxed_exit or exit_spec, "propagate", "6n relaxed depthwise"),
+            engine(relaxed, relaxed_label, "depthwise", "none", "propagate", None, "6n relaxed depthwise"),
+            engine(relaxed, relaxed_label, "depthwise", relaxed_exit or exit_spec, "propagate", "6n relaxed depthwise", ROW6),
         ]
+    plans += _generate_plans(model, model_label, baseline, baseline_label, workload, max_batch, extra)
     best: dict[str, RowResult] = {}
     outputs: dict[str, dict[str, list[int]]] = {}
     for _ in range(rounds):  # whole rounds, so that load drift on a shared machine hits every row alike
-        for name, served, label, batching, exit_rule, kv_mode, reference in plans:
-            config = EngineConfig(batching=batching, max_batch=max_batch, exit=exit_rule, kv_mode=kv_mode, precision=precision)
-            row, outputs[name] = measure(name, served, label, config, workload, outputs.get(reference) if reference else None)
-            log(f"{name}: {row.tokens_per_s:.1f} tokens/s, mean loops {row.mean_loops:.2f}, {row.wall_s:.1f}s")
-            if name not in best or row.tokens_per_s > best[name].tokens_per_s:
-                best[name] = row
-    rows = list(best.values())
-    static, sequence = rows[0].tokens_per_s, rows[1].tokens_per_s
+        for plan in plans:
+            row, outputs[plan.name] = plan.run()
+            log(f"{plan.name}: {row.tokens_per_s:.1f} tokens/s, mean loops {row.mean_loops:.2f}, {row.wall_s:.1f}s")
+            if plan.name not in best or row.tokens_per_s > best[plan.name].tokens_per_s:
+                best[plan.name] = row
+    for plan in plans:  # outputs are the same every round: compare them once
+        row = best[plan.name]
+        if plan.reference is not None:
+            row.positional_agreement = agreement(outputs[plan.name], outputs[plan.reference])
+        if plan.exits:
+            row.agreement = token_agreement(plan.model, workload, outputs[plan.name], precision)
+        if plan.identical_to is not None:
+            row.identical_output = outputs[plan.name] == {rid: outputs[plan.identical_to][rid] for rid in outputs[plan.name]}
+    rows = [best[plan.name] for plan in plans]
+    static, sequence = best["1 vanilla static"].tokens_per_s, best["2 vanilla sequence"].tokens_per_s
     ratios: dict[str, Any] = {
         "vs_static": {row.name: row.tokens_per_s / static for row in rows},
         "vs_sequence": {row.name: row.tokens_per_s / sequence for row in rows},
     }
     if relaxed is not None:
-        ratios["row6/row5"] = rows[-1].tokens_per_s / rows[4].tokens_per_s
+        ratios["row6/row5"] = best[ROW6].tokens_per_s / best[ROW5].tokens_per_s
+    ratios.update(_peer_ratios(best))
     return {
         "workload": workload.description,
         "rows": [row.to_dict() for row in rows],
         "ratios": ratios,
-        "table": format_table(rows, ratios),
+        "models": {plan.name: plan.model for plan in plans},  # for pricing; dropped before the report is written
     }
+
+
+def _generate_plans(
+    model: RecursiveModel, label: str, baseline: RecursiveModel, baseline_label: str, workload: Workload, max_batch: int, extra: ExtraRows
+) -> list[_Plan]:
+    """Row 7 (self-speculation vs greedy generate, per batch size) and row 8 (transformers' generate)."""
+    from recursify.serving.benchmark_peers import generate_row, hf_row
+
+    plans: list[_Plan] = []
+    single = extra.single_requests
+    if extra.speculative is not None:
+        config = extra.speculative
+        for batch in extra.speculative_batches:
+            requests = single if batch == 1 else None
+            greedy, spec = f"7g recursive greedy b{batch}", f"7 recursive speculative {config.spec} b{batch}"
+            plans.append(_Plan(greedy, partial(generate_row, greedy, model, label, workload, batch, None, requests), model))
+            plans.append(
+                _Plan(spec, partial(generate_row, spec, model, label, workload, batch, config, requests), model, identical_to=greedy)
+            )
+        name = "7v vanilla greedy b1"
+        plans.append(_Plan(name, lambda: generate_row(name, baseline, baseline_label, workload, 1, None, single), baseline))
+    if extra.transformers is not None:
+        hf = extra.transformers
+        name8 = f"8 transformers static b{max_batch}"
+        plans.append(_Plan(name8, lambda: hf_row(name8, hf, baseline_label, workload, max_batch), baseline))
+        if extra.transformers_early_exit is not None:
+            greedy, early = "8g transformers greedy b1", f"8e transformers early-exit@{extra.transformers_early_exit} b1"
+            plans.append(_Plan(greedy, lambda: hf_row(greedy, hf, baseline_label, workload, 1, None, single), baseline))
+            plans.append(
+                _Plan(
+                    early,
+                    lambda: hf_row(early, hf, baseline_label, workload, 1, extra.transformers_early_exit, single),
+                    baseline,
+                    identical_to=greedy,
+                )
+            )
+    return plans
+
+
+def _peer_ratios(best: dict[str, RowResult]) -> dict[str, float]:
+    """Row 7's and row 8's ratios: speculation vs greedy at equal batch, the engine vs transformers at equal batch."""
+    ratios = {}
+    for name, row in best.items():
+        if name.startswith("7 recursive speculative"):
+            batch = name.rsplit(" b", 1)[1]
+            ratios[f"speculative_b{batch}_vs_greedy"] = row.tokens_per_s / best[f"7g recursive greedy b{batch}"].tokens_per_s
+            if batch == "1" and "7v vanilla greedy b1" in best:
+                ratios["speculative_b1_vs_vanilla_greedy"] = row.tokens_per_s / best["7v vanilla greedy b1"].tokens_per_s
+        if name.startswith("8 transformers static"):
+            ratios["engine_static_vs_transformers"] = best["1 vanilla static"].tokens_per_s / row.tokens_per_s
+        if name.startswith("8e transformers early-exit"):
+            ratios["transformers_early_exit_vs_greedy"] = row.tokens_per_s / best["8g transformers greedy b1"].tokens_per_s
+    return ratios
+
+
+def price_rows(run: dict[str, Any], roofline: Roofline, workload: Workload) -> None:
+    """Every row's FLOPs and bytes per generated token (serving/roofline.py) and its fraction of either bound."""
+    context = sum(len(p) + n / 2 for p, n in zip(workload.prompts, workload.max_new_tokens, strict=True)) / len(workload.prompts)
+    models = run.pop("models")
+    for row in run["rows"]:
+        counts = row["counts"]
+        if "loop_passes" not in counts:
+            continue
+        sizes = ModelSizes.of(models[row["name"]])
+        cost = token_cost(sizes, counts["loop_passes"], counts["head_rows"], counts["loop_steps"], counts["head_steps"], context)
+        compute_bound = roofline.matmul_flops_per_s / cost["flops"]
+        memory_bound = roofline.memory_bytes_per_s / cost["bytes"]
+        row["roofline"] = {
+            "flops_per_token": cost["flops"],
+            "bytes_per_token": cost["bytes"],
+            "compute_bound_tokens_per_s": compute_bound,
+            "memory_bound_tokens_per_s": memory_bound,
+            "compute_fraction": row["tokens_per_s"] / compute_bound,
+            "memory_fraction": row["tokens_per_s"] / memory_bound,
+        }
+    run["table"] = format_table([RowResult(**row) for row in run["rows"]], run["ratios"])
 
 
 @torch.no_grad()
@@ -336,6 +517,23 @@ def open_or_keep(model: RecursiveModel | str) -> RecursiveModel:
     return load(model)
 
 
+def exit_rows(model: RecursiveModel, target: float) -> dict[str, str]:
+    """Rows 5g / 5s / 5e: gate, saturation and exit-ensemble exits at calibrated agreement ``target``, where the model has them."""
+    calibration = model.addons.calibration
+    if calibration is None:
+        return {}
+    curves = calibration["signals"]
+    rows = {}
+    for name, signal, present in (
+        ("5g recursive depthwise+gate", "gate", model.addons.gates is not None),
+        ("5s recursive depthwise+saturation", "saturation", True),
+        ("5e recursive depthwise+ensemble", "ensemble", model.addons.ensemble is not None),
+    ):
+        if present and signal in curves:
+            rows[name] = f"agreement:{target:g}:{signal}"
+    return rows
+
+
 def serving_benchmark(
     model: RecursiveModel | str,
     baseline: RecursiveModel | str = "smollm2-135m",
@@ -353,32 +551,78 @@ def serving_benchmark(
     data: str | None = None,
     data_tokens: int = 4096,
     log: Callable[[str], None] = print,
+    agreement_target: float | None = 0.95,
+    speculative: SpeculativeConfig | None = None,
+    speculative_batches: tuple[int, ...] = (1, 4),
+    single_requests: int | None = 8,
+    transformers: bool = False,
+    transformers_early_exit: int | None = None,
 ) -> dict[str, Any]:
-    """Every row on the same workload under each arrival pattern, the engine overhead, and the simulation.
+    """Every row on the same workload under each arrival pattern, the engine overhead, the roofline, and the simulation.
 
-    Returns ``{"threads", "load_average", "runs": {arrival: {"workload", "rows", "ratios", "table"}},
-    "overhead": {...}, "simulated": {...} (only with ``data``: held-out text for exit trajectories, any
-    ``--data`` spec; ``teacher:N`` samples the baseline)}``.
-    Models may be objects or paths/sources; ``model_label``s in the rows are the paths when given.
+    Returns ``{"threads", "load_average", "roofline", "runs": {arrival: {"workload", "rows", "ratios",
+    "table"}}, "overhead": {...}, "exits": {...}, "simulated": {...}}``. ``agreement_target`` adds rows
+    5g / 5s / 5e (gate, saturation, ensemble exits at that calibrated agreement) where the model has
+    the gates / ensemble and a calibration (``recursify train-exits``); ``speculative`` adds row 7
+    (self-speculation vs greedy generate at ``speculative_batches``); ``transformers`` adds row 8
+    (transformers' own generate of the baseline; ``transformers_early_exit``: its early-exit
+    self-speculation at batch 1). Rows 7 and 8 run with the first arrival pattern only; batch-1 rows
+    decode the first ``single_requests`` requests. ``simulated`` only with ``data`` (held-out text for
+    exit trajectories, any ``--data`` spec; ``teacher:N`` samples the baseline). Models may be
+    objects or paths/sources; ``model_label``s in the rows are the paths when given.
     """
     served, original = open_or_keep(model), open_or_keep(baseline)
     second = open_or_keep(relaxed) if relaxed is not None else None
     labels = [m if isinstance(m, str) else name for m, name in ((model, "recursive"), (baseline, "vanilla"), (relaxed, "relaxed"))]
     tokenizer = require_tokenizer(served)
-    report: dict[str, Any] = {"threads": torch.get_num_threads(), "load_average": list(os.getloadavg()), "runs": {}}
-    for arrival in arrivals:
+    roofline = measure_roofline()
+    report: dict[str, Any] = {
+        "threads": torch.get_num_threads(),
+        "load_average": list(os.getloadavg()),
+        "roofline": roofline.to_dict(),
+        "runs": {},
+    }
+    hf = None
+    if transformers:
+        from recursify.serving.benchmark_peers import hf_causal_lm
+
+        hf = hf_causal_lm(baseline if isinstance(baseline, str) else original.source.spec)[0]
+    exits = exit_rows(served, agreement_target) if agreement_target is not None else {}
+    for index, arrival in enumerate(arrivals):
         workload = make_workload(tokenizer, requests, arrival, seed, prompt_tokens, new_tokens)
         log(f"== arrival {arrival}: {requests} requests ==")
-        report["runs"][arrival] = bench_serve(
-            served, original, workload, exit_spec, max_batch, precision, labels[0], labels[1], log, second, labels[2], relaxed_exit, rounds
+        extra = ExtraRows(exits=exits)
+        if index == 0:
+            extra = ExtraRows(exits, speculative, speculative_batches, single_requests, hf, transformers_early_exit)
+        run = bench_serve(
+            served,
+            original,
+            workload,
+            exit_spec,
+            max_batch,
+            precision,
+            labels[0],
+            labels[1],
+            log,
+            second,
+            labels[2],
+            relaxed_exit,
+            rounds,
+            extra,
         )
+        price_rows(run, roofline, workload)
+        report["runs"][arrival] = run
     report["overhead"] = {
         label: measure_overhead(m, max_batch, precision=precision) for label, m in (("recursive", served), ("relaxed", second)) if m
     }
+    if served.addons.calibration is not None:
+        calibration = served.addons.calibration
+        report["exits"] = {key: calibration.get(key) for key in ("data", "split", "positions", "per_loop_agreement", "at_targets", "gates")}
+        report["exits"]["policies"] = {name: _expected(served, rule) for name, rule in exits.items()}
     if data is not None:
         tokens = load_tokens(data, tokenizer, split="heldout", max_tokens=data_tokens, teacher=original)  # teacher:N samples the baseline
         lengths = make_workload(tokenizer, requests, "all", seed, prompt_tokens, new_tokens).max_new_tokens
-        sim = simulate(served, tokens, parse_exit_policy(exit_spec, served.loops), lengths, max_batch)
+        sim = simulate(served, tokens, parse_exit_policy(exit_spec, served.loops, served.addons), lengths, max_batch)
         measured = report["runs"][arrivals[0]]["ratios"]
         sim["measured"] = {
             "arrival": arrivals[0],
@@ -389,16 +633,28 @@ def serving_benchmark(
     return report
 
 
+def _expected(model: RecursiveModel, rule: str) -> dict[str, Any]:
+    """What an agreement rule resolved to: its thresholds and the calibration's agreement and mean loops there."""
+    policy = parse_exit_policy(rule, model.loops, model.addons)
+    return {"spec": policy.spec, "target": policy.target, **(policy.expected or {})}
+
+
 def format_summary(report: dict[str, Any]) -> str:
-    """``bench-serve``'s printout of one workload's report: the table, engine overhead, row 6 / row 5, the simulation."""
-    overhead = report["overhead"]["recursive"]
+    """``bench-serve``'s printout of one workload's report: the table, peer ratios, roofline, engine overhead, the simulation."""
+    overhead, ratios = report["overhead"]["recursive"], report["ratios"]
+    roof = report["roofline"]
     lines = [
         report["table"],
+        f"roofline ({roof['threads']} threads): {roof['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s fp32 matmul, "
+        f"{roof['memory_bytes_per_s'] / 1e9:.1f} GB/s copy; %comp / %mem: each row's tokens/s over its compute / memory bound",
         f"engine overhead at batch {overhead['batch']}: {100 * overhead['overhead_fraction']:.1f}% of a decode token "
         f"({overhead['engine_token_ms']:.1f} ms vs {overhead['model_token_ms']:.1f} ms for the bare model forward)",
     ]
-    if "row6/row5" in report["ratios"]:
-        lines.append(f"row 6 / row 5: {report['ratios']['row6/row5']:.2f}")
+    for key in sorted(k for k in ratios if k not in ("vs_static", "vs_sequence")):
+        lines.append(f"{key}: {ratios[key]:.2f}")
+    for row in report["rows"]:
+        if row["identical_output"] is not None:
+            lines.append(f"{row['name']}: identical output {row['identical_output']}")
     if "simulated" in report:
         sim = report["simulated"]
         lines.append(

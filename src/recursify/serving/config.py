@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from recursify.config import PRECISIONS
+from recursify.config import PRECISIONS, parse_speculative
 from recursify.errors import ConfigError
 
 BATCHING: tuple[str, ...] = ("static", "sequence", "depthwise")
@@ -30,6 +30,9 @@ class EngineConfig:
         max_model_len: longest sequence (prompt + output) a request may reach; longer max_new_tokens
             are capped. None: the source model's max_position_embeddings (2048 when it has none).
             The KV pool caps it too, since a request must fit the pool alone.
+        speculative: ``BxD`` self-speculative decoding (modeling/speculative.py): one request at a
+            time (``max_batch`` 1, no early exits), one draft-and-verify round per step, on the
+            model's contiguous cache instead of the KV pool; None = off.
     """
 
     batching: str = "depthwise"
@@ -41,6 +44,7 @@ class EngineConfig:
     block_size: int = 16
     max_prefill_chunk: int = 512
     max_model_len: int | None = None
+    speculative: str | None = None
 
     def __post_init__(self) -> None:
         if self.batching not in BATCHING:
@@ -49,6 +53,10 @@ class EngineConfig:
             raise ConfigError(f"unknown kv_mode {self.kv_mode!r}; choose one of: {', '.join(KV_MODES)}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"unknown precision {self.precision!r}; choose one of: {', '.join(PRECISIONS)}")
+        if self.speculative is not None:
+            parse_speculative(self.speculative)
+            if self.max_batch != 1 or self.exit != "none":
+                raise ConfigError("speculative serving runs one request at a time without early exits: set max_batch=1 and exit='none'")
         if self.max_kv_tokens < self.block_size:
             raise ConfigError(f"max_kv_tokens ({self.max_kv_tokens}) must hold at least one block of {self.block_size}")
         if self.max_model_len is not None and self.max_model_len < 2:

@@ -14,10 +14,13 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from recursify.config import SamplingConfig
+import torch
+
+from recursify.config import SamplingConfig, SpeculativeConfig, parse_speculative
 from recursify.errors import ConfigError
 from recursify.evaluation.loglikelihood import model_max_length
 from recursify.modeling.model import RecursiveModel
+from recursify.modeling.speculative import SpeculativeStats, speculative_rounds
 from recursify.serving.config import EngineConfig
 from recursify.serving.exit_policy import parse_exit_policy
 from recursify.serving.kv_cache import BlockAllocator, KVPool
@@ -60,10 +63,39 @@ class EngineStats:
 
     steps: int = 0
     items: int = 0
+    head_rows: int = 0  # rows the LM head ran on
+    head_steps: int = 0  # steps in which it ran
+    row_loops: int = 0  # token rows run through one loop (prefill and decode; propagate fills excluded)
     schedule_s: float = 0.0
     execute_s: float = 0.0
     update_s: float = 0.0
     preemptions: int = 0
+
+
+@dataclass
+class _Session:
+    """The request a speculative engine is decoding, and its round generator (modeling/speculative.py)."""
+
+    request: Request
+    rounds: Iterator[list[list[int]]]
+    done: list[bool]
+
+    @classmethod
+    def start(cls, model: RecursiveModel, request: Request, config: SpeculativeConfig | None, stats: SpeculativeStats) -> _Session:
+        assert config is not None
+        sampling = request.sampling
+        generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
+        prompt = torch.tensor([request.prompt_ids], device=model.device)
+        done = [False]
+        rounds = speculative_rounds(
+            model, prompt, torch.ones_like(prompt), request.max_new_tokens, sampling, generator, config, stats, done
+        )
+        return cls(request, rounds, done)
+
+    def advance(self) -> list[int]:
+        """The next round's tokens (the first call: the prefill's token)."""
+        with torch.no_grad():
+            return next(self.rounds)[0]
 
 
 class Engine:
@@ -74,7 +106,7 @@ class Engine:
         self.model = model.eval()
         self.tokenizer = model.tokenizer
         block_size_of(model)  # fail early on models whose depths are not one looped block
-        self.policy = parse_exit_policy(self.config.exit, model.loops)
+        self.policy = parse_exit_policy(self.config.exit, model.loops, model.addons)
         num_blocks = self.config.max_kv_tokens // self.config.block_size
         self.allocator = BlockAllocator(num_blocks, self.config.block_size)
         self.pool = KVPool(num_blocks, self.config.block_size, model.num_depths, model.arch.num_kv_heads, model.arch.head_dim)
@@ -89,6 +121,11 @@ class Engine:
         )
         self.runner = ModelRunner(model, self.pool, self.policy, self.config.kv_mode)
         self.max_model_len = self.config.max_model_len or model_max_length(model)
+        self.speculative = parse_speculative(self.config.speculative) if self.config.speculative else None
+        if self.speculative is not None and not self.speculative.draft_loops < model.loops:
+            raise ConfigError(f"speculative decoding drafts with 1..{model.loops - 1} loops of this {model.loops}-loop model")
+        self.speculative_stats = SpeculativeStats()
+        self._session: _Session | None = None
         self.stats = EngineStats()
         self._ids = itertools.count()
         self._stops: dict[str, list[str]] = {}
@@ -173,7 +210,12 @@ class Engine:
     # --- stepping ---------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one step (one loop of the shared block over the batch); outputs of requests that emitted or finished."""
+        """Run one step (one loop of the shared block over the batch); outputs of requests that emitted or finished.
+
+        With ``speculative``, a step is one draft-and-verify round of the one running request.
+        """
+        if self.speculative is not None:
+            return self._speculative_step()
         t0 = time.perf_counter()
         plan = self.scheduler.schedule()
         for request_id in plan.admitted:
@@ -181,9 +223,13 @@ class Engine:
             if not request.preemptions:  # a resumed request keeps its sampler where it stopped
                 self.runner.register(request_id, request.sampling)
         t1 = time.perf_counter()
+        rows, steps, row_loops = self.runner.head_rows, self.runner.head_steps, self.runner.row_loops
         with precision_context(self.config.precision, self.model.device):
             results = self.runner.execute(plan)
         t2 = time.perf_counter()
+        self.stats.head_rows += self.runner.head_rows - rows
+        self.stats.head_steps += self.runner.head_steps - steps
+        self.stats.row_loops += self.runner.row_loops - row_loops
         events = self.scheduler.update_from_output(plan, results)
         outputs = self._outputs(events, t2)
         t3 = time.perf_counter()
@@ -194,6 +240,52 @@ class Engine:
         self.stats.update_s += t3 - t2
         self.stats.preemptions = self.scheduler.preemptions
         return outputs
+
+    def _speculative_step(self) -> list[RequestOutput]:
+        """One round of self-speculative decoding (modeling/speculative.py) for the running request; admits the next one."""
+        t0 = time.perf_counter()
+        if self._session is not None and self._session.request.finished:  # cancelled or stopped meanwhile
+            self._session = None
+        if self._session is None:
+            self.scheduler.schedule()  # admission only (max_batch 1); the KV pool stays unused
+            if not self.scheduler.running:
+                return []
+            self._session = _Session.start(self.model, self.scheduler.running[0], self.speculative, self.speculative_stats)
+        session = self._session
+        t1 = time.perf_counter()
+        with precision_context(self.config.precision, self.model.device):
+            new = session.advance()
+        t2 = time.perf_counter()
+        request = session.request
+        emitted: list[int] = []
+        reason = None
+        for token in new:
+            request.output_ids.append(token)
+            request.loops_run.append(self.model.loops)
+            request.token_times.append(t2)
+            emitted.append(token)
+            if token in request.stop_token_ids:
+                reason = "stop"
+            elif len(request.output_ids) >= request.max_new_tokens:
+                reason = "length"
+            elif self._hit_stop_string(request):
+                reason = "stop"
+            if reason is not None:
+                break
+        if request.first_token_time is None and emitted:
+            request.first_token_time = t2
+        if reason is not None:
+            session.done[0] = True
+            self.scheduler.finish(request.request_id, reason)
+            request.finish_time = t2
+            self._stops.pop(request.request_id, None)
+            self._session = None
+        self.stats.steps += 1
+        self.stats.items += 1
+        self.stats.schedule_s += t1 - t0
+        self.stats.execute_s += t2 - t1
+        self.stats.update_s += time.perf_counter() - t2
+        return [self._output(request, emitted)] if emitted else []
 
     def _outputs(self, events: StepEvents, now: float) -> list[RequestOutput]:
         finished = {request.request_id for request in events.finished}

@@ -10,7 +10,10 @@ prefill chunks attend one by one. Propagate fill rows ride along after the item 
 writes their keys/values and drops them before the o-projection.
 
 State kept here between steps (tensors, keyed by request id): the hidden state of every chunk in
-flight, the exit hidden states ``propagate`` needs, and per-request sampling generators.
+flight, the exit hidden states ``propagate`` needs, the exit logits of earlier loops an exit
+ensemble combines, and per-request sampling generators. Exit decisions (serving/exit_policy.py)
+read either the exit head's logits or, for gates and saturation, the loop-end hidden state and the
+state that entered the loop; then the head runs only on the rows that leave.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from recursify.errors import ConfigError
 from recursify.modeling.generation import sample_next
 from recursify.modeling.lora import Visit
 from recursify.modeling.model import RecursiveModel
-from recursify.serving.exit_policy import ExitPolicy
+from recursify.serving.exit_policy import ExitPolicy, ensemble_probs, signal_scores
 from recursify.serving.kv_cache import KVPool, PagedAttention, attention_groups
 from recursify.serving.scheduler import ItemResult, StepPlan, WorkItem
 
@@ -66,7 +69,11 @@ class ModelRunner:
         self.block = block_size_of(model)
         self.hidden: dict[str, torch.Tensor] = {}
         self.exit_hidden: dict[str, torch.Tensor] = {}
+        self.exit_history: dict[str, list[torch.Tensor]] = {}  # ensemble: the token in flight's exit logits per loop
         self.sampling: dict[str, tuple[SamplingConfig, torch.Generator | None]] = {}
+        self.head_rows = 0  # rows the LM head has run on, and steps it ran in (the benchmark's cost accounting)
+        self.head_steps = 0
+        self.row_loops = 0  # item rows run through one loop, summed over steps (fill rows excluded)
 
     def register(self, request_id: str, sampling: SamplingConfig) -> None:
         generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
@@ -74,7 +81,8 @@ class ModelRunner:
 
     def release(self, request_id: str, keep_sampling: bool = False) -> None:
         """Drop a request's state; a preempted one keeps its sampler, which resumes where it stopped."""
-        for state in (self.hidden, self.exit_hidden) if keep_sampling else (self.hidden, self.exit_hidden, self.sampling):
+        states = (self.hidden, self.exit_hidden, self.exit_history)
+        for state in states if keep_sampling else (*states, self.sampling):
             state.pop(request_id, None)
 
     @torch.no_grad()
@@ -97,10 +105,12 @@ class ModelRunner:
             attention_groups(plan.items, self.pool.block_size, arch.layer_types, arch.sliding_window),
         )
         visit, loop_depth = rows.visit(), rows.loops[None] * self.block  # (1, rows): depth = loop * K + layer
+        entering = h
+        self.row_loops += rows.items
         for k in range(self.block):
             x = h if fills is None else torch.cat([h, fills])  # fills: the same exit state at every layer
             h = self.model.shared_layer(k)(x[None], visit, loop_depth + k, attention)[0]
-        return self._finish(plan.items, h, rows)
+        return self._finish(plan.items, h, entering, rows)
 
     # --- inputs -----------------------------------------------------------------------------
 
@@ -146,32 +156,83 @@ class ModelRunner:
 
     # --- after the loop ---------------------------------------------------------------------
 
-    def _finish(self, items: list[WorkItem], h: torch.Tensor, rows: _Rows) -> dict[str, ItemResult]:
-        """Exit head where the policy needs it, exit verdicts, sampling, and the state for next steps."""
+    def _finish(self, items: list[WorkItem], h: torch.Tensor, entering: torch.Tensor, rows: _Rows) -> dict[str, ItemResult]:
+        """Exit decisions, the exit head where needed, sampling, and the state for next steps.
+
+        h / entering: [item_rows, hidden] every item row's state after this loop and as it entered
+        it. Only an emitting chunk's last row decides and samples. Gate and saturation decisions
+        read the states, so the LM head then runs on the rows that leave only; confidence,
+        ensemble and oracle need it on every emitting row first.
+        """
         spans, row = [], 0
         for item in items:
             spans.append((row, row + item.num_tokens))
             row += item.num_tokens
-        checked = [i for i, item in enumerate(items) if item.emits and self.policy.needs_logits(item.loop)]
-        logits = self.model.head(h[torch.tensor([spans[i][1] - 1 for i in checked], dtype=torch.long)]).float() if checked else None
-        exits = self.policy.decide(logits, [items[i].loop for i in checked]).tolist() if logits is not None else []
-        verdict = dict(zip(checked, exits, strict=True))
-        argmax = dict(zip(checked, logits.argmax(dim=-1).tolist(), strict=True)) if logits is not None else {}
+        emitting = [i for i, item in enumerate(items) if item.emits]
+        decided = self._decide(items, emitting, [spans[i][1] - 1 for i in emitting], h, entering)
         results: dict[str, ItemResult] = {}
         for i, item in enumerate(items):
             start, end = spans[i]
-            exited = verdict.get(i, False) if item.emits else self.policy.is_exit_loop(item.loop)
-            token = None
-            if exited and item.emits:
-                assert logits is not None
-                sampling, generator = self.sampling[item.request_id]
-                token = int(sample_next(logits[checked.index(i)][None], sampling, generator)[0])
-            results[item.request_id] = ItemResult(exited=exited, token=token, argmax=argmax.get(i))
+            exited, token, argmax = decided.get(i, (self.policy.is_exit_loop(item.loop), None, None))
+            results[item.request_id] = ItemResult(exited=exited, token=token, argmax=argmax)
             if not exited:
                 self.hidden[item.request_id] = h[start:end]
             elif item.loop + 1 < self.model.loops:
                 self._keep_for_deeper_loops(item, h[start:end], rows.blocks[start:end], rows.offsets[start:end])
         return results
+
+    def _decide(
+        self, items: list[WorkItem], emitting: list[int], last_rows: list[int], h: torch.Tensor, entering: torch.Tensor
+    ) -> dict[int, tuple[bool, int | None, int | None]]:
+        """Per emitting item: (exits now, its token if so, the exit head's argmax where it ran)."""
+        if not emitting:
+            return {}
+        policy, model = self.policy, self.model
+        loops = [items[i].loop for i in emitting]
+        index = torch.tensor(last_rows)
+        states = h[index]  # (emitting, hidden)
+        logits: torch.Tensor | None = None  # (emitting, vocab) when the head ran before deciding
+        scores: torch.Tensor | None = None
+        if any(policy.needs_logits(loop) for loop in loops) and not policy.reads_hidden and policy.kind not in ("none", "fixed"):
+            logits = model.exit_logits(states, loops).float()
+            self.head_rows, self.head_steps = self.head_rows + len(loops), self.head_steps + 1
+            if policy.kind == "ensemble":
+                logits = self._ensemble(items, emitting, loops, logits)
+                scores = logits.softmax(dim=-1).amax(dim=-1)
+            elif policy.kind == "confidence":
+                scores = signal_scores("confidence", model, loops, logits=logits)
+        elif policy.reads_hidden:
+            scores = signal_scores(policy.kind, model, loops, hidden=states, previous=entering[index])
+        exits = policy.decide(loops, scores).tolist()
+        if logits is None and any(exits):  # the head runs once per token: on the rows leaving now
+            leaving = [j for j, leave in enumerate(exits) if leave]
+            logits = torch.zeros(len(emitting), model.arch.vocab_size)
+            logits[leaving] = model.exit_logits(states[leaving], [loops[j] for j in leaving]).float()
+            self.head_rows, self.head_steps = self.head_rows + len(leaving), self.head_steps + 1
+        decided: dict[int, tuple[bool, int | None, int | None]] = {}
+        for j, i in enumerate(emitting):
+            token = argmax = None
+            if logits is not None and (exits[j] or policy.needs_logits(loops[j])):
+                argmax = int(logits[j].argmax())
+            if exits[j]:
+                assert logits is not None
+                request_id = items[i].request_id
+                sampling, generator = self.sampling[request_id]
+                token = int(sample_next(logits[j][None], sampling, generator)[0])
+                self.exit_history.pop(request_id, None)
+            decided[i] = (exits[j], token, argmax)
+        return decided
+
+    def _ensemble(self, items: list[WorkItem], emitting: list[int], loops: list[int], logits: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities of the exit ensemble (exits 0..b of each token in flight) [emitting, vocab]; the last loop keeps its own."""
+        out = logits.clone()
+        for j, i in enumerate(emitting):
+            self.exit_history.setdefault(items[i].request_id, []).append(logits[j])
+        for loop in sorted(set(loops) - {self.model.loops - 1}):  # rows at one loop hold equally many exits
+            rows = [j for j, b in enumerate(loops) if b == loop]
+            history = [torch.stack(z) for z in zip(*(self.exit_history[items[emitting[j]].request_id] for j in rows), strict=True)]
+            out[rows] = ensemble_probs(self.model, history).clamp_min(1e-30).log()
+        return out
 
     def _keep_for_deeper_loops(self, item: WorkItem, h: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor) -> None:
         """An early-exited chunk: keep its hidden state (propagate) or copy its keys/values deeper (share)."""

@@ -1,7 +1,7 @@
 """The paper's hypothetical throughput (Bae et al. 2024, Appendix K), to set beside measured numbers.
 
 Two measured ingredients: the time of one loop step and of the exit head as a function of batch
-size, and per-token exit loops (oracle or confidence) from held-out text. A discrete-event
+size, and per-token exit loops (oracle, or the exit policy's) from held-out text. A discrete-event
 simulation then schedules requests under each batching policy with those costs; nothing is run
 through the engine, which is exactly the gap the measured benchmark closes.
 """
@@ -17,7 +17,7 @@ import torch
 
 from recursify.modeling.model import RecursiveModel
 from recursify.serving.engine import Engine
-from recursify.serving.exit_policy import ExitPolicy, oracle_exit_loop
+from recursify.serving.exit_policy import HEAD_SIGNALS, SIGNALS, ExitPolicy
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 32)
 
@@ -71,19 +71,15 @@ def measure_step_costs(model: RecursiveModel, batch_sizes: tuple[int, ...] = BAT
 
 @torch.no_grad()
 def exit_trajectories(model: RecursiveModel, tokens: torch.Tensor, policy: ExitPolicy | None, window: int = 256) -> list[int]:
-    """Per held-out position, the loops a token would run: oracle (policy None) or the given confidence policy."""
-    loops: list[int] = []
-    for start in range(0, tokens.numel() - 1, window):
-        chunk = tokens[start : start + window][None]
-        exits = model(chunk, output_exits=True).exit_logits
-        assert exits is not None
-        if policy is None:
-            predictions = torch.stack([e[0].argmax(-1) for e in exits], dim=1).tolist()  # (positions, loops)
-            loops += [oracle_exit_loop(row) + 1 for row in predictions]
-            continue
-        leave = torch.stack([policy.decide(e[0].float(), [b] * e.shape[1]) for b, e in enumerate(exits)], dim=1)  # (positions, loops)
-        loops += (leave.float().argmax(dim=1) + 1).tolist()
-    return loops
+    """Per held-out position, the loops a token would run: oracle (policy None) or the given signal policy."""
+    from recursify.evaluation.calibration import collect_exit_data, exit_loops
+    from recursify.evaluation.exits import oracle_exit_loops
+
+    data = collect_exit_data(model, tokens, window)
+    if policy is None:
+        return oracle_exit_loops(data.exit_tokens.T).tolist()
+    thresholds = torch.tensor([policy.threshold(loop) for loop in range(model.loops - 1)])
+    return (exit_loops(policy.kind, data.scores[policy.kind], thresholds) + 1).tolist()
 
 
 def simulate_throughput(
@@ -135,7 +131,7 @@ def simulate(
     """Simulated throughputs and speedups for the same rows as the measured benchmark."""
     costs = measure_step_costs(model, tuple(b for b in BATCH_SIZES if b <= max_batch) or (1,))
     oracle = exit_trajectories(model, tokens, None)
-    confident = exit_trajectories(model, tokens, policy) if policy.kind == "confidence" else None
+    confident = exit_trajectories(model, tokens, policy) if policy.kind in SIGNALS else None
     random.Random(seed).shuffle(oracle)
     B = model.loops
     rows = {
@@ -145,14 +141,16 @@ def simulate(
         "sequence+oracle": simulate_throughput(costs, B, lengths, oracle, "sequence", max_batch, False),
         "depthwise+oracle": simulate_throughput(costs, B, lengths, oracle, "depthwise", max_batch, False),
     }
-    if confident is not None:
-        rows["depthwise+confidence"] = simulate_throughput(costs, B, lengths, confident, "depthwise", max_batch, True)
+    if confident is not None:  # confidence and ensemble run the head at every loop; gate and saturation once per token
+        rows[f"depthwise+{policy.kind}"] = simulate_throughput(
+            costs, B, lengths, confident, "depthwise", max_batch, policy.kind in HEAD_SIGNALS
+        )
     return {
         "tokens_per_s": rows,
         "vs_static": {name: value / rows["static"] for name, value in rows.items()},
         "vs_sequence": {name: value / rows["sequence"] for name, value in rows.items()},
         "mean_oracle_loops": sum(oracle) / len(oracle),
-        "mean_confidence_loops": (sum(confident) / len(confident)) if confident else None,
+        "mean_policy_loops": (sum(confident) / len(confident)) if confident else None,
         "positions": len(oracle),
         "step_costs": {
             "batch_sizes": costs.batch_sizes,

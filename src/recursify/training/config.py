@@ -14,6 +14,7 @@ from recursify.config import PRECISIONS
 from recursify.errors import ConfigError
 
 KD_KINDS: tuple[str, ...] = ("forward-kl", "reverse-kl", "jsd", "tvd")
+EXIT_TARGETS: tuple[str, ...] = ("teacher", "final")
 
 # Options that may differ between a run and its --resume without changing the result.
 OPERATIONAL_FIELDS = ("resume", "overwrite", "quiet", "save_every", "eval_every", "eval_tokens", "peak_flops")
@@ -44,6 +45,10 @@ class LossConfig:
         temperature: softmax temperature of every KD term.
         exit_loss: how exits are weighted (see ``exit_loss_weights``).
         self_distill: earlier exits also learn KD from the detached last-exit distribution.
+        early_exit_target: what exits before the last learn from: "teacher" (CE / KD from the
+            teacher, as the last exit, plus ``self_distill``) or "final" (only KD from the detached
+            last exit: the agreement with the final loop that early exits and self-speculative
+            drafts are judged by).
     """
 
     kd: str = "forward-kl"
@@ -51,6 +56,7 @@ class LossConfig:
     temperature: float = 1.0
     exit_loss: str = "none"
     self_distill: bool = False
+    early_exit_target: str = "teacher"
 
     def __post_init__(self) -> None:
         if self.kd not in KD_KINDS:
@@ -62,6 +68,10 @@ class LossConfig:
         mode, _ = parse_exit_loss(self.exit_loss)
         if self.self_distill and mode == "none":
             raise ConfigError("--self-distill trains earlier exits: pick --exit-loss weighted or aggressive:C as well")
+        if self.early_exit_target not in EXIT_TARGETS:
+            raise ConfigError(f"unknown --early-exit-target {self.early_exit_target!r}; choose one of: {', '.join(EXIT_TARGETS)}")
+        if self.early_exit_target == "final" and mode == "none":
+            raise ConfigError("--early-exit-target final trains earlier exits: pick --exit-loss weighted or aggressive:C as well")
 
     @property
     def needs_exits(self) -> bool:
@@ -91,6 +101,11 @@ class UptrainConfig:
         clip: gradient-norm clipping threshold (0 = off).
         loss: how losses are built (KD kind and weight, temperature, exit weights, self-distillation).
         exit_ensemble: also learn exit-ensemble weights (saved as exit_ensemble.safetensors).
+        exit_heads: give the student per-loop exit heads of this rank (modeling/exit_heads.py) if it
+            has none yet (0 = no change).
+        freeze_model: train only the exit heads (and the exit ensemble): every parameter the last
+            loop depends on stays frozen, so its output cannot change; the last exit's loss (and
+            the teacher, when early exits learn from the final loop) is then skipped.
         freeze: fnmatch patterns of parameters to freeze (``!pattern`` keeps them trainable).
         precision: "auto" (bf16 autocast where the hardware has bf16 units: CUDA GPUs that support it,
             CPUs with AVX512-BF16/AMX; fp32 elsewhere, since emulated bf16 is many times slower),
@@ -128,6 +143,8 @@ class UptrainConfig:
     clip: float = 1.0
     loss: LossConfig = field(default_factory=LossConfig)
     exit_ensemble: bool = False
+    exit_heads: int = 0
+    freeze_model: bool = False
     freeze: list[str] = field(default_factory=list)
     precision: str = "auto"
     gradient_checkpointing: bool = False
@@ -167,10 +184,24 @@ class UptrainConfig:
             raise ConfigError(f"unknown precision {self.precision!r}; choose one of: auto, {', '.join(PRECISIONS)}")
         if self.exit_ensemble and not self.loss.needs_exits:
             raise ConfigError("--exit-ensemble trains early exits: pick --exit-loss weighted or aggressive:C as well")
-        if self.teacher is None and self.loss.kd_weight > 0:
+        if self.exit_heads < 0:
+            raise ConfigError(f"--exit-heads must be >= 0, got {self.exit_heads}")
+        if self.freeze_model and not self.loss.needs_exits:
+            raise ConfigError("--freeze-model trains early exits only: pick --exit-loss weighted or aggressive:C as well")
+        if self.teacher is None and self.loss.kd_weight > 0 and self.needs_teacher_to_train:
             raise ConfigError("KD needs a teacher: pass --teacher, or --kd-weight 0 to train on cross-entropy only")
         if self.data is None and self.teacher is None:
             raise ConfigError("without a teacher there is no default data: pass --data (a file, directory or dataset)")
+
+    @property
+    def trains_final_exit(self) -> bool:
+        """Whether the last exit's loss has a gradient to give (not with ``freeze_model``)."""
+        return not self.freeze_model
+
+    @property
+    def needs_teacher_to_train(self) -> bool:
+        """Whether a training step reads the teacher: some trained exit learns from it."""
+        return self.trains_final_exit or self.loss.early_exit_target == "teacher"
 
     @property
     def data_spec(self) -> str:
@@ -269,3 +300,51 @@ class HealConfig:
             raise ConfigError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.precision not in ("auto", *PRECISIONS):
             raise ConfigError(f"unknown precision {self.precision!r}; choose one of: auto, {', '.join(PRECISIONS)}")
+
+
+@dataclass
+class TrainExitsConfig:
+    """``recursify train-exits``: exit gates and the agreement calibration of a frozen checkpoint.
+
+    Attributes:
+        checkpoint: a recursify checkpoint directory with loops >= 2; the gates
+            (``exit_gates.safetensors``) and the calibration (``exit_calibration.json``) are written into it.
+        data: ``--data`` spec; its train split trains the gates, its held-out split calibrates.
+            Default ``teacher:<tokens>`` (text sampled from ``teacher``).
+        teacher: samples ``teacher:N`` data; None = the model the checkpoint was converted from.
+        tokens: training tokens read (hidden states of every loop are kept for all of them).
+        calib_tokens: held-out tokens for the calibration curves.
+        window: tokens per forward pass (teacher forcing, no overlap).
+        gate_width: hidden units of each gate's MLP; 0 = a linear gate; None = no gates (calibrate
+            the parameter-free signals only).
+        steps: AdamW steps over minibatches of ``batch`` (position, loop) samples.
+        lr: AdamW learning rate.
+        seed: data order, gate initialisation and minibatches.
+        quiet: no progress bars.
+    """
+
+    checkpoint: str
+    data: str | None = None
+    teacher: str | None = None
+    tokens: int = 16_384
+    calib_tokens: int = 4096
+    window: int = 256
+    gate_width: int | None = 64
+    steps: int = 400
+    batch: int = 1024
+    lr: float = 2e-3
+    seed: int = 0
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("tokens", "calib_tokens", "window", "steps", "batch"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.gate_width is not None and self.gate_width < 0:
+            raise ConfigError(f"--gate-width must be >= 0 (0 = linear), got {self.gate_width}")
+        if not self.lr > 0:
+            raise ConfigError(f"--lr must be positive, got {self.lr}")
+
+    @property
+    def data_spec(self) -> str:
+        return self.data if self.data is not None else f"teacher:{self.tokens}"

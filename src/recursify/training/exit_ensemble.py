@@ -9,17 +9,15 @@ W is lower-triangular, (B - 1) x (B - 1), initialised to the identity (so q_b is
 own distribution until trained). The last exit (b = B) is always the model's own output, so an
 ensemble never changes what the full-depth model predicts.
 
-The weights live beside the checkpoint in ``exit_ensemble.safetensors``. Code that wants the
-ensembled exits calls ``attach_exit_ensemble(model, directory)`` once after ``recursify.load`` and
-then ``exit_distribution(model, exit_logits, b)`` at every exit; without an attached ensemble that
-is plain softmax(exit b). The serving engine and ``recursify eval`` read the plain exit logits and
-do not apply an ensemble (docs/method.md section 6).
+The weights live beside the checkpoint in ``exit_ensemble.safetensors``; ``recursify.load`` attaches
+them (``model.addons.ensemble``, modeling/exit_addons.py) and ``exit_distribution(model, exit_logits, b)``
+is then the ensemble at exit b (plain softmax(exit b) without one). The serving engine offers it to
+the exit policies as ``ensemble:TAU`` (serving/exit_policy.py, docs/method.md section 6).
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,13 +28,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from recursify.errors import CheckpointError, ConfigError
+from recursify.files import atomic_path
 
 if TYPE_CHECKING:
     from recursify.modeling.model import RecursiveModel
 
 ENSEMBLE_FILE = "exit_ensemble.safetensors"
 _KEY = "weights"
-_ATTRIBUTE = "exit_ensemble_weights"
 
 
 class ExitEnsemble(nn.Module):
@@ -67,13 +65,13 @@ def ensemble_log_probs(weights: torch.Tensor, exit_logits: list[torch.Tensor], b
     return F.log_softmax(mixed, dim=-1)
 
 
-def exit_distribution(model: nn.Module, exit_logits: list[torch.Tensor], b: int) -> torch.Tensor:
+def exit_distribution(model: RecursiveModel, exit_logits: list[torch.Tensor], b: int) -> torch.Tensor:
     """Next-token probabilities at exit ``b`` (1-based): the attached ensemble, else softmax(exit b).
 
     ``exit_logits`` holds exits 1..b at least (later ones are not needed); the last loop's exit is
     never ensembled.
     """
-    weights: torch.Tensor | None = getattr(model, _ATTRIBUTE, None)
+    weights = model.addons.ensemble
     if weights is not None and b <= weights.shape[0]:
         return ensemble_log_probs(weights, exit_logits, b).exp()
     return F.softmax(exit_logits[b - 1].float(), dim=-1)
@@ -93,30 +91,10 @@ def read_ensemble_weights(directory: str | os.PathLike[str], num_exits: int) -> 
     return weights
 
 
-def attach_exit_ensemble(model: RecursiveModel, directory: str | os.PathLike[str]) -> bool:
-    """Attach the ensemble saved in a checkpoint directory to ``model``; False if it has none.
-
-    The weights are kept as a plain tensor attribute (not a parameter or buffer), so the model's
-    own state dict, and therefore ``save_pretrained``/``load``, is unchanged.
-    """
-    weights = read_ensemble_weights(directory, model.loops)
-    if weights is None:
-        return False
-    setattr(model, _ATTRIBUTE, weights.to(model.device))
-    return True
-
-
 def save_exit_ensemble(ensemble: ExitEnsemble, directory: str | os.PathLike[str]) -> None:
     """Write ``exit_ensemble.safetensors`` into ``directory`` atomically."""
-    path = Path(directory) / ENSEMBLE_FILE
-    fd, tmp = tempfile.mkstemp(prefix=f".{ENSEMBLE_FILE}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({_KEY: ensemble.weights.detach().cpu().contiguous()}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(Path(directory) / ENSEMBLE_FILE) as tmp:
+        save_file({_KEY: ensemble.weights.detach().cpu().contiguous()}, str(tmp))
 
 
 def load_exit_ensemble(directory: str | os.PathLike[str], num_exits: int) -> ExitEnsemble:

@@ -70,26 +70,40 @@ def uptrain_loss(
     teacher_logits: torch.Tensor | None,
     config: LossConfig,
     first_exit: int = 1,
+    train_final: bool = True,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The training loss over exits, and per-exit metrics for the log.
 
     For exit b with weight alpha_b: alpha_b * [(1 - w) CE_b + w KD(teacher || exit_b)
-    (+ KD(final.detach() || exit_b) for b < B with self-distillation)]. Pass only the last exit's
-    logits when ``config.exit_loss`` is none, with ``first_exit`` = B so the metrics name it exit B.
+    (+ KD(final.detach() || exit_b) for b < B with self-distillation)]; with
+    ``config.early_exit_target`` "final", an exit b < B learns alpha_b * KD(final.detach() || exit_b)
+    only. Pass only the last exit's logits when ``config.exit_loss`` is none, with ``first_exit`` = B
+    so the metrics name it exit B. ``train_final`` False leaves the last exit out of the loss (its
+    parameters are frozen); its CE is still logged.
 
     Returns:
-        (loss, metrics) with metrics ``loss``, ``ce/exit{b}`` and, with a teacher, ``kd/exit{b}``.
+        (loss, metrics) with metrics ``loss``, ``ce/exit{b}``, ``kd/exit{b}`` where a teacher term
+        was computed and ``sd/exit{b}`` for exits learning from the final one only.
     """
-    if teacher_logits is None and config.kd_weight > 0:
-        raise ConfigError("KD needs a teacher: pass --teacher, or --kd-weight 0 to train on cross-entropy only")
     weights = exit_loss_weights(config.exit_loss, len(exit_logits))
     final = exit_logits[-1].detach()
     total = exit_logits[-1].new_zeros((), dtype=torch.float32)
     metrics: dict[str, float] = {}
     for b, (logits, weight) in enumerate(zip(exit_logits, weights, strict=True), start=1):
         name = f"exit{first_exit + b - 1}"
+        is_final = b == len(exit_logits)
         ce = next_token_ce(logits, input_ids)
         metrics[f"ce/{name}"] = float(ce.detach())
+        if is_final and not train_final:
+            continue
+        if not is_final and config.early_exit_target == "final":
+            distilled = kd_divergence(logits, final, config.kd, config.temperature)
+            metrics[f"sd/{name}"] = float(distilled.detach())
+            if weight > 0:
+                total = total + weight * distilled
+            continue
+        if teacher_logits is None and config.kd_weight > 0:
+            raise ConfigError("KD needs a teacher: pass --teacher, or --kd-weight 0 to train on cross-entropy only")
         term = (1.0 - config.kd_weight) * ce if config.kd_weight < 1.0 else ce.new_zeros(())
         if teacher_logits is not None:
             kd = kd_divergence(logits, teacher_logits, config.kd, config.temperature)

@@ -189,8 +189,10 @@ class UptrainRun:
             with contextlib.nullcontext() if sync else self.accelerator.no_sync(self.model):
                 with precision_context(self.precision, batch.device):
                     exit_logits = self.model(chunk)
-                    target_logits = teacher_logits(self.teacher, chunk)
-                loss, metrics = uptrain_loss(exit_logits, chunk, target_logits, self.config.loss, self.first_exit)
+                    target_logits = teacher_logits(self.teacher if self.config.needs_teacher_to_train else None, chunk)
+                loss, metrics = uptrain_loss(
+                    exit_logits, chunk, target_logits, self.config.loss, self.first_exit, self.config.trains_final_exit
+                )
                 share = chunk.shape[0] / batch.shape[0]
                 self.accelerator.backward(loss * share)
             for key, value in metrics.items():
@@ -328,6 +330,7 @@ def setup(config: UptrainConfig) -> UptrainRun:
         heldout = heldout_rows(config.data_spec, tokenizer, config.eval_tokens, config.seq_len, config.seed, teacher)
 
     ensemble = load_exit_ensemble(config.student, student.loops) if config.exit_ensemble else None
+    _add_exit_heads(student, config.exit_heads)  # before a resumed state dict (which holds them) is loaded
     if resumed is not None:
         _check_resumed_data(resumed, batches, world)
         model_state, ensemble_state = checkpointing.read_weights(resumed)
@@ -342,6 +345,9 @@ def setup(config: UptrainConfig) -> UptrainRun:
     if teacher is not None:
         flops += model_flops_per_token(teacher.arch, count_params(teacher.arch, teacher.recursion), config.seq_len, training=False)
     apply_freeze(student, config.freeze)
+    if config.freeze_model:
+        for name, param in student.named_parameters():  # only the exit heads train: the last loop's output is fixed
+            param.requires_grad_(param.requires_grad and name.startswith("exit_heads."))
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(student)
     if config.compile:
@@ -418,6 +424,17 @@ def _peak_flops(config: UptrainConfig, device: torch.device, precision: str) -> 
     if config.peak_flops is not None:
         return config.peak_flops
     return peak_flops(torch.cuda.get_device_name(device), precision) if device.type == "cuda" else None
+
+
+def _add_exit_heads(student: RecursiveModel, rank: int) -> None:
+    """``--exit-heads R``: add exit heads of rank R unless the student already has them (of that rank)."""
+    if rank == 0:
+        return
+    if student.exit_heads is None:
+        student.add_exit_heads(rank)
+    elif student.recursion.exit_head_rank != rank:
+        have = student.recursion.exit_head_rank
+        raise ConfigError(f"the student already has exit heads of rank {have}; pass --exit-heads {have} (or 0)")
 
 
 def _resume_point(config: UptrainConfig, out: Path) -> checkpointing.TrainingCheckpoint | None:
