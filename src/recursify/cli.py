@@ -98,6 +98,8 @@ def cmd_convert(args: argparse.Namespace) -> None:
         lora_params=args.lora_params,
         lsq_rounds=args.lsq_rounds,
         relax=args.relax,
+        prelude=args.prelude,
+        coda=args.coda,
     )
     model.save_pretrained(args.out, overwrite=args.overwrite)
     if not args.quiet:
@@ -377,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     recursion = RecursionConfig()
     convert = _command(sub, "convert", cmd_convert, help="convert a pretrained model into a recursive one")
     convert.add_argument("--model", default=DEFAULT_MODEL, help="HF directory, .gguf file, hub id or alias")
-    convert.add_argument("--loops", type=_positive_int, default=2, help="B: loops over K = L/B shared layers")
+    convert.add_argument("--loops", type=_positive_int, default=2, help="B: loops over K = (L - prelude - coda)/B shared layers")
     convert.add_argument("--init", choices=SHARED_INITS, default=recursion.init, help="shared-layer init")
     convert.add_argument(
         "--rank",
@@ -385,7 +387,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=recursion.rank_spec,
         help="per-depth LoRA rank; 0 = pure recursive, 'full' = exact; capped at each linear's min(in, out)",
     )
-    convert.add_argument("--strategy", choices=STRATEGIES, default=recursion.strategy, help="which shared layer serves each depth")
+    convert.add_argument(
+        "--strategy",
+        choices=STRATEGIES,
+        default=recursion.strategy,
+        help="which shared layer serves each looped depth; middle-cycle = cycle with --prelude 1 --coda 1",
+    )
+    convert.add_argument(
+        "--prelude", type=int, default=recursion.prelude, help="keep the first N original layers unique (run once, before the loops)"
+    )
+    convert.add_argument(
+        "--coda", type=int, default=recursion.coda, help="keep the last M original layers unique (run once, before the head)"
+    )
     convert.add_argument(
         "--norms", choices=NORM_MODES, default=recursion.norms, help="RMSNorm gains: per-depth (exact at full rank), tied, fold"
     )

@@ -27,8 +27,13 @@ def truncated_greedy(model: RecursiveModel, prompt: list[int], new_tokens: int, 
 def early_exit_greedy(
     model: RecursiveModel, prompt: list[int], new_tokens: int, policy: ExitPolicy, kv_mode: str
 ) -> tuple[list[int], list[int]]:
-    """Greedy tokens and loops run per token, with early exits and propagate/share keys for skipped depths."""
-    block = len(model.layers)
+    """Greedy tokens and loops run per token, with early exits and propagate/share keys for skipped depths.
+
+    A prelude runs once before the first loop; at every loop end the exit goes through the coda
+    (writing its keys; a later exit of the same chunk rewrites them) and the head.
+    """
+    first = model.recursion.prelude
+    block = sum(slot.part == "loop" for slot in model.schedule) // model.loops
     cache = model.new_cache(1, len(prompt) + new_tokens)
     chunk, outputs, loops_run = list(prompt), [], []
     for _ in range(new_tokens):
@@ -36,18 +41,20 @@ def early_exit_greedy(
         positions = torch.arange(start, start + seq)[None]
         ctx = model.attention_context(torch.ones(1, start + seq, dtype=torch.long), positions, cache, torch.float32)
         h = model.embed_tokens(torch.tensor([chunk]))
+        for d in range(first):
+            h = model.shared_layer(d)(h, 0, d, ctx)
         for loop in range(model.loops):
             for k in range(block):
-                h = model.shared_layer(k)(h, loop, loop * block + k, ctx)
-            logits = model.head(h[:, -1])
+                h = model.shared_layer(first + k)(h, loop, first + loop * block + k, ctx)
+            logits = model.exit_logits(h, ctx, slice(-1, None))[:, -1]
             if bool(policy.decide(logits, [loop])[0]):
                 break
         for deeper in range(loop + 1, model.loops):
             for k in range(block):
-                depth, layer = deeper * block + k, model.shared_layer(k)
+                depth, layer = first + deeper * block + k, model.shared_layer(first + k)
                 if kv_mode == "share":
-                    key = cache.keys[loop * block + k, :, :, start : start + seq]  # type: ignore[index]
-                    value = cache.values[loop * block + k, :, :, start : start + seq]  # type: ignore[index]
+                    key = cache.keys[first + loop * block + k, :, :, start : start + seq]  # type: ignore[index]
+                    value = cache.values[first + loop * block + k, :, :, start : start + seq]  # type: ignore[index]
                 else:
                     _, key, value = layer.project_qkv(layer.norm("attn_norm")(h, deeper), deeper, ctx.rope[model.arch.layer_types[depth]])
                 cache.keys[depth, :, :, start : start + seq] = key  # type: ignore[index]

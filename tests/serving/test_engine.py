@@ -147,6 +147,73 @@ def test_confidence_exits_match_naive_decoder(kv_mode: str, batching: str) -> No
     assert {1, 2, 3} <= set(all_loops), "the threshold should make tokens exit at every loop"
 
 
+# --- prelude / coda: the prelude runs with a token's first loop, the coda once when it leaves -------------
+
+PLANS = [("llama", 2, 1, 1), ("gemma2", 2, 2, 0), ("qwen2", 3, 0, 3)]  # (family, loops, prelude, coda); gemma2: windows per depth
+
+
+@cache
+def _plan_model(family: str, loops: int, prelude: int, coda: int) -> RecursiveModel:
+    model = recursify.convert(tiny_model(family, seed=5), loops=loops, prelude=prelude, coda=coda, init="average", rank=3, progress=False)
+    torch.manual_seed(1)
+    with torch.no_grad():  # LoRA off its init, so the loops really differ
+        for name, param in model.named_parameters():
+            if name.endswith("lora_B"):
+                param.add_(torch.randn_like(param) * 0.05)
+    return model
+
+
+@pytest.mark.parametrize("batching", ["static", "sequence", "depthwise"])
+@pytest.mark.parametrize("plan", PLANS)
+def test_prelude_coda_models_serve_like_generate(plan: tuple[str, int, int, int], batching: str) -> None:
+    model = _plan_model(*plan)
+    prompts = [_prompt(130 + i, n) for i, n in enumerate((5, 1, 11, 3))]
+    engine = _engine(model, batching=batching, max_batch=3, max_prefill_chunk=4, exit="none")
+    served = _serve(engine, prompts)
+    for i, prompt in enumerate(prompts):
+        expected = model.generate(torch.tensor([prompt]), max_new_tokens=NEW, eos_token_ids=[])[0, len(prompt) :].tolist()
+        assert served[f"req-{i}"] == expected
+
+
+@pytest.mark.parametrize("batching", ["depthwise", "sequence", "static"])
+@pytest.mark.parametrize("plan", PLANS[:2])
+def test_prelude_coda_fixed_exit_equals_truncated_model(plan: tuple[str, int, int, int], batching: str) -> None:
+    model = _plan_model(*plan)
+    prompts = [_prompt(140 + i, n) for i, n in enumerate((5, 2, 9))]
+    served = _serve(_engine(model, batching=batching, max_batch=2, exit="fixed:1", max_prefill_chunk=4), prompts)
+    for i, prompt in enumerate(prompts):
+        assert served[f"req-{i}"] == truncated_greedy(model, prompt, NEW, 1)
+
+
+@pytest.mark.parametrize(
+    ("plan", "batching", "kv_mode"),
+    [
+        (PLANS[0], "depthwise", "propagate"),
+        (PLANS[0], "sequence", "share"),
+        (PLANS[0], "static", "propagate"),
+        (PLANS[2], "depthwise", "share"),
+        (PLANS[2], "sequence", "propagate"),
+    ],
+)
+def test_prelude_coda_confidence_exits_match_naive_decoder(plan: tuple[str, int, int, int], batching: str, kv_mode: str) -> None:
+    model = _plan_model(*plan)
+    prompts = [_prompt(150 + i, n) for i, n in enumerate((6, 3, 9, 1))]
+    spec = _median_confidences(model, [_prompt(155 + i, 16) for i in range(4)])
+    outputs = {
+        out.request_id: out
+        for out in _engine(model, batching=batching, max_batch=3, exit=spec, kv_mode=kv_mode).generate(
+            prompts, max_new_tokens=NEW, stop_token_ids=[]
+        )
+    }
+    all_loops = []
+    for i, prompt in enumerate(prompts):
+        tokens, loops_run = early_exit_greedy(model, prompt, NEW, parse_exit_policy(spec, model.loops), kv_mode)
+        assert outputs[f"req-{i}"].token_ids == tokens
+        assert outputs[f"req-{i}"].loops_run == loops_run
+        all_loops += loops_run
+    assert set(range(1, model.loops + 1)) <= set(all_loops), "the threshold should make tokens exit at every loop"
+
+
 def test_oracle_records_first_loop_agreeing_with_the_last() -> None:
     model = _model("llama", 3)
     prompt = _prompt(80, 6)

@@ -18,8 +18,8 @@ from recursify.conversion.tying import init_sources, tie
 from recursify.conversion.weight_map import OriginalWeights, arch_from_hf, split_state_dict
 from recursify.errors import ConfigError
 from recursify.modeling.layers import FOLDABLE_NORMS, linear_shapes, norm_names
-from recursify.modeling.model import RecursiveModel, SourceInfo, norm_is_tied, rope_buffer_name
-from recursify.modeling.schedule import build_schedule, check_loops, depths_of_layer
+from recursify.modeling.model import RecursiveModel, SourceInfo, lora_rank, norm_is_tied, rope_buffer_name
+from recursify.modeling.schedule import DepthSlot, build_schedule, check_loops, depths_of_layer
 
 RANDOM_INIT_STD = 0.02
 CALIB_SEQ_LEN = 256
@@ -41,6 +41,8 @@ def convert(
     lora_params: int | str | None = None,
     lsq_rounds: int = 2,
     relax: str = "lora",
+    prelude: int = 0,
+    coda: int = 0,
 ) -> RecursiveModel:
     """Turn a pretrained decoder into a (relaxed) recursive model.
 
@@ -50,7 +52,7 @@ def convert(
         loops: B; the model keeps K = L / B unique layers (``loops=1`` is the original model).
         init: shared-layer init: stepwise, average, lower or random.
         rank: LoRA rank per depth (0 = pure recursive, "full" = exact reproduction).
-        strategy: cycle, sequence, cycle-rev or middle-cycle.
+        strategy: cycle, sequence, cycle-rev, or middle-cycle (= cycle with prelude 1 and coda 1).
         norms: per-depth (default, exact at full rank), tied (the paper) or fold.
         lora_init: svd (residual SVD), asvd (activation-aware SVD; needs ``calib``) or zero.
         seed: seeds random shared weights and standard-init LoRA factors.
@@ -66,6 +68,8 @@ def convert(
         relax: "lora" (default), "lora-xs" (frozen (a)svd factors, trainable r x r cores; needs
             ``rank``), "prefix:N" (learned key/value prefixes) or "bias" (per-depth biases, with
             ``calib`` initialised to the least-squares bias); see ``conversion/relax_init.py``.
+        prelude, coda: keep the first ``prelude`` and the last ``coda`` original layers unique (run
+            once before and after the looped block) and loop only the layers between them.
     """
     from recursify.sources import LoadedSource, load_source
 
@@ -77,9 +81,8 @@ def convert(
 
     def recursion_for(hf_config: Any) -> tuple[ArchConfig, RecursionConfig]:
         arch = arch_from_hf(hf_config)
-        check_loops(arch.num_layers, loops, strategy)
         ranks = resolve_ranks(rank, linear_shapes(arch))
-        return arch, RecursionConfig(
+        recursion = RecursionConfig(
             loops=loops,
             strategy=strategy,
             init=init,
@@ -93,7 +96,11 @@ def convert(
             calib=calib if isinstance(calib, str) else ("precomputed" if calib else ""),
             lora_params=budget or 0,
             relax=relax,
+            prelude=prelude,
+            coda=coda,
         )
+        check_loops(arch.num_layers, recursion.loops, recursion.strategy, recursion.prelude, recursion.coda)
+        return arch, recursion
 
     if hasattr(source, "state_dict") and hasattr(source, "config"):
         loaded = LoadedSource(
@@ -170,11 +177,13 @@ def budget_ranks(
     The energy is the residual's to the ``init`` rule's shared weight, whitened by the calibration
     inputs when there are any (what asvd can retain), plain otherwise (what svd can retain).
     """
-    schedule = build_schedule(arch.num_layers, recursion.loops, recursion.strategy)
+    schedule = schedule_of(arch, recursion)
     layers = _layers_in_norm_form(original, arch, recursion)
     gains: dict[str, torch.Tensor] = {}
     costs: dict[str, int] = {}
-    for index, source_depths in enumerate(init_sources(schedule, recursion.init, recursion.strategy)):
+    for index, source_depths in enumerate(init_sources(schedule, recursion.init)):
+        if any(slot.layer == index and slot.part != "loop" for slot in schedule):
+            continue  # prelude / coda layers are the original layers: nothing to relax
         depths = depths_of_layer(schedule, index)
         for name, (fan_in, fan_out) in linear_shapes(arch).items():
             weights = [layers[d][f"{name}.weight"] for d in depths]
@@ -188,6 +197,11 @@ def budget_ranks(
             gains[f"{index}.{name}"] = energy
             costs[f"{index}.{name}"] = len(depths) * (fan_in + fan_out)
     return allocate_ranks(gains, costs, budget)
+
+
+def schedule_of(arch: ArchConfig, recursion: RecursionConfig) -> list[DepthSlot]:
+    """The depth schedule a model with this architecture and recursion runs (what ``RecursiveModel`` builds)."""
+    return build_schedule(arch.num_layers, recursion.loops, recursion.strategy, recursion.prelude, recursion.coda)
 
 
 def original_param_count(original: OriginalWeights) -> int:
@@ -229,8 +243,8 @@ def recursive_state_dict(
     With ``calibration``, ``report`` receives the relative reconstruction error on calibration
     inputs of every linear at every depth: tr(E C E^T) / tr(W C W^T), E = W_d - (W' + B_d A_d).
     """
-    schedule = build_schedule(arch.num_layers, recursion.loops, recursion.strategy)
-    sources = init_sources(schedule, recursion.init, recursion.strategy)
+    schedule = schedule_of(arch, recursion)
+    sources = init_sources(schedule, recursion.init)
     layers = _layers_in_norm_form(original, arch, recursion)
     generator = torch.Generator().manual_seed(recursion.seed)
     state: dict[str, torch.Tensor] = {"embed.weight": original.embed, "final_norm.weight": original.final_norm[None]}
@@ -241,13 +255,15 @@ def recursive_state_dict(
     errors: dict[str, list[float]] = {name: [0.0] * arch.num_layers for name in LINEARS}
     with tqdm(total=len(sources) * len(LINEARS), desc="tying layers", unit="linear", disable=not progress) as bar:
         for index, source_depths in enumerate(sources):
-            tying = _LayerTying(layers, source_depths, depths_of_layer(schedule, index), generator, recursion, calibration)
+            looped = all(slot.part == "loop" for slot in schedule if slot.layer == index)
+            tying = _LayerTying(layers, source_depths, depths_of_layer(schedule, index), generator, recursion, calibration, looped)
             for name, (fan_in, fan_out) in linear_shapes(arch).items():
-                state.update(tying.linear(name, fan_in, fan_out, recursion.rank_of(index, name), f"layers.{index}.{name}.", errors[name]))
+                rank = lora_rank(recursion, schedule, index, name)
+                state.update(tying.linear(name, fan_in, fan_out, rank, f"layers.{index}.{name}.", errors[name]))
                 bar.update()
             for norm in norm_names(arch):
                 state[f"layers.{index}.{norm}.weight"] = tying.norm(norm, norm_is_tied(recursion, norm), 1.0 - arch.norm_offset)
-            if recursion.prefix_tokens:  # zero keys and values: see modeling/prefix.py
+            if recursion.prefix_tokens and tying.looped:  # zero keys and values: see modeling/prefix.py
                 shape = (len(tying.depths), arch.num_kv_heads, recursion.prefix_tokens, arch.head_dim)
                 state[f"layers.{index}.prefix.prefix_keys"] = torch.zeros(shape)
                 state[f"layers.{index}.prefix.prefix_values"] = torch.zeros(shape)
@@ -268,9 +284,10 @@ class _LayerTying:
         generator: torch.Generator,
         recursion: RecursionConfig,
         calibration: Calibration | None,
+        looped: bool,
     ):
         self.layers, self.source_depths, self.depths, self.generator = layers, source_depths, depths, generator
-        self.recursion, self.calibration = recursion, calibration
+        self.recursion, self.calibration, self.looped = recursion, calibration, looped
 
     def shared(self, name: str, fill: float | None = None) -> torch.Tensor:
         """The tied value of ``name``: the init rule's mean, or random (``fill`` for norms/biases)."""
@@ -299,7 +316,7 @@ class _LayerTying:
         weights = [self.layers[d][f"{name}.weight"] for d in self.depths]
         shared = self.shared(f"{name}.weight")
         factors = self.factors(name, weights, shared, rank) if rank > 0 else []
-        if self.recursion.shared_init == "lsq":
+        if self.recursion.shared_init == "lsq" and self.looped:
             assert self.calibration is not None
             grams = [damped(self.calibration.gram(d, name)) for d in self.depths]
             for _ in range(self.recursion.lsq_rounds if rank > 0 else 1):
@@ -322,7 +339,7 @@ class _LayerTying:
         bias = self.shared(f"{name}.bias", fill=0.0) if biased else None
         if bias is not None:
             out[prefix + "bias"] = bias
-        if self.recursion.relaxed and self.recursion.loops > 1 and (biased or self.recursion.relax_kind == "bias"):
+        if self.looped and self.recursion.relaxed and self.recursion.loops > 1 and (biased or self.recursion.relax_kind == "bias"):
             out[prefix + "bias_delta"] = torch.stack(
                 [self.bias_residual(name, d, w, shared, bias) for d, w in zip(self.depths, weights, strict=True)]
             )

@@ -1,7 +1,11 @@
-"""RecursiveModel: embeddings -> K shared layers unrolled over L depths -> exits at every loop end.
+"""RecursiveModel: embeddings -> prelude -> K shared layers looped B times -> exits at every loop end.
 
 With loops=1 every depth has its own layer and this *is* the original model: the same class is
 teacher, baseline and student everywhere in recursify.
+
+Every way out of the stack goes through ``exit_logits``: the coda (the last original layers kept
+unique, run once on a state leaving the loops) and then ``head`` (final norm + LM head). The last
+loop's exit is the model's output; earlier loops' exits are the early exits.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from torch import nn
 from recursify import checkpoint
 from recursify.config import LINEARS, ArchConfig, RecursionConfig
 from recursify.errors import CheckpointError, ConfigError, RecursifyError
-from recursify.modeling.attention import RopeTables, build_masks
+from recursify.modeling.attention import AttentionCore, RopeTables, build_masks
 from recursify.modeling.kv_cache import AttentionContext, KVCache
 from recursify.modeling.layers import FOLDABLE_NORMS, SharedLayer, norm_names
 from recursify.modeling.lora import DepthRMSNorm
@@ -57,6 +61,13 @@ def norm_is_tied(recursion: RecursionConfig, name: str) -> bool:
     return recursion.norms == "tied" or (recursion.norms == "fold" and name in FOLDABLE_NORMS)
 
 
+def lora_rank(recursion: RecursionConfig, schedule: list[DepthSlot], layer: int, linear: str) -> int:
+    """LoRA rank of one linear of one shared layer: 0 for prelude and coda layers (they are the original layers, run once)."""
+    if any(slot.layer == layer and slot.part != "loop" for slot in schedule):
+        return 0
+    return recursion.rank_of(layer, linear)
+
+
 def norm_slot_counts(arch: ArchConfig, recursion: RecursionConfig, visits: int) -> dict[str, int]:
     """How many gain vectors each norm of a shared layer keeps."""
     return {name: 1 if norm_is_tied(recursion, name) else visits for name in norm_names(arch)}
@@ -71,16 +82,21 @@ class RecursiveModel(nn.Module):
         self.source = source or SourceInfo()
         self.tokenizer: Any = None
         self.report: dict[str, Any] = {}  # conversion diagnostics (e.g. reconstruction errors), saved in config.json
-        self.schedule: list[DepthSlot] = build_schedule(arch.num_layers, recursion.loops, recursion.strategy)
+        plan = (arch.num_layers, recursion.loops, recursion.strategy, recursion.prelude, recursion.coda)
+        self.schedule: list[DepthSlot] = build_schedule(*plan)
         self.exit_depths = loop_end_depths(self.schedule)
-        unique = num_unique_layers(arch.num_layers, recursion.loops, recursion.strategy)
-        bias_delta = recursion.relaxed and recursion.loops > 1
+        self.body = [slot for slot in self.schedule if slot.part != "coda"]  # embedding -> last loop's end
+        self.prelude = [slot for slot in self.schedule if slot.part == "prelude"]  # run once, with a token's first loop
+        self.coda = [slot for slot in self.schedule if slot.part == "coda"]  # run once on every exit, before the head
+        looped = {slot.layer for slot in self.schedule if slot.part == "loop"}
         layers = []
-        for layer in range(unique):
+        for layer in range(num_unique_layers(*plan)):
             visits = len(depths_of_layer(self.schedule, layer))
             slots = norm_slot_counts(arch, recursion, visits)
-            ranks = {name: recursion.rank_of(layer, name) for name in LINEARS}
-            layers.append(SharedLayer(arch, visits, ranks, slots, bias_delta, recursion.relax_kind, recursion.prefix_tokens))
+            ranks = {name: lora_rank(recursion, self.schedule, layer, name) for name in LINEARS}
+            relaxed = layer in looped and recursion.relaxed and recursion.loops > 1  # prelude/coda: the original layers
+            prefix = recursion.prefix_tokens if layer in looped else 0
+            layers.append(SharedLayer(arch, visits, ranks, slots, relaxed, recursion.relax_kind, prefix))
         self.embed = nn.Embedding(arch.vocab_size, arch.hidden_size)
         self.layers = nn.ModuleList(layers)
         self.final_norm = DepthRMSNorm(arch.hidden_size, 1, arch.rms_norm_eps, arch.norm_offset)
@@ -123,12 +139,29 @@ class RecursiveModel(nn.Module):
         return h
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
-        """Final norm + LM head (+ Gemma2 soft-cap): used by the last depth and by every early exit."""
+        """Final norm + LM head (+ Gemma2 soft-cap) of states already through the coda (see ``exit_logits``)."""
         weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
         logits = nn.functional.linear(self.final_norm(h), weight)
         if self.arch.final_softcap is not None:
             logits = torch.tanh(logits / self.arch.final_softcap) * self.arch.final_softcap
         return logits
+
+    def run_depths(self, slots: list[DepthSlot], h: torch.Tensor, attention: AttentionCore | None) -> torch.Tensor:
+        """Run ``slots`` (e.g. ``self.prelude`` or ``self.coda``) in order on states [batch, rows, hidden]."""
+        for slot in slots:
+            assert attention is not None, "depths need an attention core"
+            h = self.shared_layer(slot.layer)(h, slot.visit, slot.depth, attention)
+        return h
+
+    def exit_logits(self, h: torch.Tensor, attention: AttentionCore | None, keep: slice | torch.Tensor = slice(None)) -> torch.Tensor:
+        """Logits of states [batch, rows, hidden] leaving the stack at any loop end: the coda, then the head.
+
+        The one exit path of the model (its final output and every early exit, here and in the serving
+        engine). The coda attends over the whole sequence, so it runs on every row and only the head is
+        restricted to the ``keep`` rows (a slice or a LongTensor of row indices). ``attention`` may be
+        None for a model without a coda.
+        """
+        return self.head(self.run_depths(self.coda, h, attention)[:, keep])
 
     def forward(
         self,
@@ -164,15 +197,21 @@ class RecursiveModel(nn.Module):
         keep = slice(-logits_to_keep, None) if logits_to_keep > 0 else slice(None)
         hidden = [h] if output_hidden_states else None
         exits: list[torch.Tensor] | None = [] if output_exits else None
-        for slot in self.schedule:
+        for slot in self.body:
             h = self.shared_layer(slot.layer)(h, slot.visit, slot.depth, ctx)
             if hidden is not None:
                 hidden.append(h)
-            if exits is not None and slot.depth in self.exit_depths:
-                exits.append(self.head(h[:, keep]))
+            if exits is not None and slot.depth in self.exit_depths[:-1]:
+                exits.append(self.exit_logits(h, ctx, keep))  # an early exit writes the coda's keys; the final exit rewrites them
+        for slot in self.coda:  # the final exit's coda, recorded depth by depth
+            h = self.shared_layer(slot.layer)(h, slot.visit, slot.depth, ctx)
+            if hidden is not None:
+                hidden.append(h)
         if cache is not None:
             cache.advance(seq)
-        logits = exits[-1] if exits else self.head(h[:, keep])
+        logits = self.head(h[:, keep])
+        if exits is not None:
+            exits.append(logits)
         return ModelOutput(logits=logits, exit_logits=exits, hidden_states=hidden)
 
     def attention_context(

@@ -4,10 +4,15 @@ All items' tokens are packed into one row sequence [1, rows, hidden], and each s
 once over all rows through the model's own ``SharedLayer.forward``: the linears, norms and LoRAs
 run once per layer, each row using its own loop's LoRA/norm through the per-token visit index (a
 grouped matmul per loop present, no Python loop over rows), and each row at its own depth
-(loop * K + layer). Only the attention core depends on a request's own keys: ``PagedAttention``
-(serving/kv_cache.py) batches single-token (decode) items over their padded KV blocks and lets
-prefill chunks attend one by one. Propagate fill rows ride along after the item rows: the layer
-writes their keys/values and drops them before the o-projection.
+(N + loop * K + layer, after a prelude of N depths). Only the attention core depends on a
+request's own keys: ``PagedAttention`` (serving/kv_cache.py) batches single-token (decode) items
+over their padded KV blocks and lets prefill chunks attend one by one. Propagate fill rows ride
+along after the item rows: the layer writes their keys/values and drops them before the o-projection.
+
+A prelude (the original's first layers kept unique) runs on a chunk's fresh embeddings, in the step
+of its first loop; a coda (the last layers kept unique) runs on the chunks leaving the stack in this
+step (and on those whose exit verdict needs their logits), through ``model.exit_logits``, the
+model's one exit path; each has its own KV slots, written once per token.
 
 State kept here between steps (tensors, keyed by request id): the hidden state of every chunk in
 flight, the exit hidden states ``propagate`` needs, and per-request sampling generators.
@@ -15,6 +20,7 @@ flight, the exit hidden states ``propagate`` needs, and per-request sampling gen
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -30,10 +36,16 @@ from recursify.serving.scheduler import ItemResult, StepPlan, WorkItem
 
 
 def block_size_of(model: RecursiveModel) -> int:
-    """K, the layers one loop runs; raises unless depth = loop * K + layer with visit = loop (cycle sharing)."""
-    block = len(model.layers)
-    cyclic = all(slot.layer == slot.depth % block and slot.visit == slot.depth // block for slot in model.schedule)
-    if not cyclic or block * model.loops != model.num_depths:
+    """K, the layers one loop runs; raises unless the looped depths are N + loop * K + k running layer N + k at visit loop.
+
+    A prelude and a coda (``--prelude`` / ``--coda``) are fine around that block; a block tied by
+    another strategy (sequence, cycle-rev) is not, since one engine step runs one loop of the block.
+    """
+    looped = [slot for slot in model.schedule if slot.part == "loop"]
+    first = model.recursion.prelude
+    block = len(looped) // model.loops
+    cyclic = all(slot.layer == first + (slot.depth - first) % block and slot.visit == (slot.depth - first) // block for slot in looped)
+    if not cyclic:
         raise ConfigError(
             f"the serving engine needs strategy 'cycle' (one block of shared layers looped); this model uses "
             f"{model.recursion.strategy!r}: convert with --strategy cycle"
@@ -64,6 +76,7 @@ class ModelRunner:
     def __init__(self, model: RecursiveModel, pool: KVPool, policy: ExitPolicy, kv_mode: str):
         self.model, self.pool, self.policy, self.kv_mode = model, pool, policy, kv_mode
         self.block = block_size_of(model)
+        self.first = model.recursion.prelude  # depth and shared-layer index of the block's first layer
         self.hidden: dict[str, torch.Tensor] = {}
         self.exit_hidden: dict[str, torch.Tensor] = {}
         self.sampling: dict[str, tuple[SamplingConfig, torch.Generator | None]] = {}
@@ -93,11 +106,23 @@ class ModelRunner:
             rows.items,
             attention_groups(plan.items, self.pool.block_size, arch.layer_types, arch.sliding_window),
         )
-        visit, loop_depth = rows.visit(), rows.loops[None] * self.block  # (1, rows): depth = loop * K + layer
+        visit, loop_depth = rows.visit(), self.first + rows.loops[None] * self.block  # (1, rows): depth = N + loop * K + layer
         for k in range(self.block):
             x = h if fills is None else torch.cat([h, fills])  # fills: the same exit state at every layer
-            h = self.model.shared_layer(k)(x[None], visit, loop_depth + k, attention)[0]
+            h = self.model.shared_layer(self.first + k)(x[None], visit, loop_depth + k, attention)[0]
         return self._finish(plan.items, h, rows)
+
+    def _attention(self, items: list[WorkItem], rows: torch.Tensor, all_rows: _Rows, dtype: torch.dtype) -> PagedAttention:
+        """The attention core of ``items`` alone (their query rows ``rows`` among the step's): for the prelude and the coda."""
+        arch = self.model.arch
+        return PagedAttention(
+            self.pool,
+            self.model.rope_tables(all_rows.positions[rows][None], dtype),
+            all_rows.blocks[rows],
+            all_rows.offsets[rows],
+            len(rows),
+            attention_groups(items, self.pool.block_size, arch.layer_types, arch.sliding_window),
+        )
 
     # --- inputs -----------------------------------------------------------------------------
 
@@ -139,18 +164,23 @@ class ModelRunner:
             items=len(positions),
             uniform_loop=all_loops[0] if len(set(all_loops)) == 1 else None,
         )
-        return torch.cat(parts), (torch.cat(fill_parts) if fill_parts else None), rows
+        h = torch.cat(parts)
+        if self.model.prelude and embedded is not None:  # the prelude runs once per token, with its first loop
+            fresh_items = [item for item in items if item.loop == 0]
+            fresh_rows = torch.cat(
+                [torch.arange(span[0], span[1]) for span, item in zip(_spans(items), items, strict=True) if item.loop == 0]
+            )
+            attention = self._attention(fresh_items, fresh_rows, rows, h.dtype)
+            h[fresh_rows] = self.model.run_depths(self.model.prelude, h[fresh_rows][None], attention)[0]
+        return h, (torch.cat(fill_parts) if fill_parts else None), rows
 
     # --- after the loop ---------------------------------------------------------------------
 
     def _finish(self, items: list[WorkItem], h: torch.Tensor, rows: _Rows) -> dict[str, ItemResult]:
-        """Exit head where the policy needs it, exit verdicts, sampling, and the state for next steps."""
-        spans, row = [], 0
-        for item in items:
-            spans.append((row, row + item.num_tokens))
-            row += item.num_tokens
+        """Exit path (coda + head) where the policy needs it, exit verdicts, sampling, and the state for next steps."""
+        spans = _spans(items)
         checked = [i for i, item in enumerate(items) if item.emits and self.policy.needs_logits(item.loop)]
-        logits = self.model.head(h[torch.tensor([spans[i][1] - 1 for i in checked], dtype=torch.long)]).float() if checked else None
+        logits = self._exit_logits(items, spans, checked, h, rows)
         exits = self.policy.decide(logits, [items[i].loop for i in checked]).tolist() if logits is not None else []
         verdict = dict(zip(checked, exits, strict=True))
         argmax = dict(zip(checked, logits.argmax(dim=-1).tolist(), strict=True)) if logits is not None else {}
@@ -170,15 +200,47 @@ class ModelRunner:
                 self._keep_for_deeper_loops(item, h[start:end], rows.blocks[start:end], rows.offsets[start:end])
         return results
 
+    def _exit_logits(
+        self, items: list[WorkItem], spans: list[tuple[int, int]], checked: list[int], h: torch.Tensor, rows: _Rows
+    ) -> torch.Tensor | None:
+        """Logits [checked, vocab] of the checked items' last rows, through ``model.exit_logits``; None when none is checked.
+
+        Without a coda only those rows go to the head. With one, the coda also runs on every row of
+        the items whose verdict is known to be an exit (non-emitting prefill chunks at their exit
+        loop): each position's coda keys are written when it leaves the stack (a checked item that
+        stays is rewritten when it leaves later, before any other position can read it).
+        """
+        if not self.model.coda:
+            if not checked:
+                return None
+            last = torch.tensor([spans[i][1] - 1 for i in checked], dtype=torch.long)
+            return self.model.exit_logits(h[last][None], None)[0].float()
+        leaving = [i for i, item in enumerate(items) if i in checked or (not item.emits and self.policy.is_exit_loop(item.loop))]
+        if not leaving:
+            return None
+        exit_rows = torch.cat([torch.arange(*spans[i]) for i in leaving])
+        offsets = dict(zip(leaving, itertools.accumulate([0] + [spans[i][1] - spans[i][0] for i in leaving]), strict=False))
+        keep = torch.tensor([offsets[i] + spans[i][1] - spans[i][0] - 1 for i in checked], dtype=torch.long)
+        attention = self._attention([items[i] for i in leaving], exit_rows, rows, h.dtype)
+        logits = self.model.exit_logits(h[exit_rows][None], attention, keep)[0].float()
+        return logits if checked else None
+
     def _keep_for_deeper_loops(self, item: WorkItem, h: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor) -> None:
         """An early-exited chunk: keep its hidden state (propagate) or copy its keys/values deeper (share)."""
         if self.kv_mode == "share":
             for k in range(self.block):
-                source = item.loop * self.block + k
-                self.pool.copy_depth(blocks, offsets, source, [loop * self.block + k for loop in range(item.loop + 1, self.model.loops)])
+                source = self.first + item.loop * self.block + k
+                deeper = [self.first + loop * self.block + k for loop in range(item.loop + 1, self.model.loops)]
+                self.pool.copy_depth(blocks, offsets, source, deeper)
             return
         buffer = self.exit_hidden.get(item.request_id)
         if buffer is None:
             buffer = torch.zeros(len(item.blocks) * self.pool.block_size, h.shape[-1], dtype=h.dtype)
             self.exit_hidden[item.request_id] = buffer
         buffer[item.start : item.start + item.num_tokens] = h.to(buffer.dtype)
+
+
+def _spans(items: list[WorkItem]) -> list[tuple[int, int]]:
+    """The query rows (start, end) of every item in the step's packed rows, item-major."""
+    ends = list(itertools.accumulate(item.num_tokens for item in items))
+    return [(end - item.num_tokens, end) for item, end in zip(items, ends, strict=True)]
