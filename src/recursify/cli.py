@@ -344,9 +344,14 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         "--ppl",
         metavar="DATA",
         help="perplexity on a --data source (text/jsonl/parquet file or directory, teacher:N, hf:NAME); "
-        "uses its held-out split by default (see --split)",
+        "uses its held-out split by default (see --split; 'all' for a whole test file)",
     )
-    parser.add_argument("--split", choices=("heldout", "train"), default="heldout", help="split of --ppl data")
+    parser.add_argument(
+        "--split",
+        choices=("heldout", "train", "all"),
+        default="heldout",
+        help="split of --ppl data; 'all' scores local files whole, in their own order (as published test-file perplexities)",
+    )
     parser.add_argument("--max-tokens", type=_count, default=None, help="evaluate at most this many tokens (e.g. 50k)")
     parser.add_argument("--ctx", type=_positive_int, default=512, help="sliding-window length in tokens")
     parser.add_argument(
