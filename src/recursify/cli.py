@@ -73,38 +73,96 @@ def _positive_int(value: str) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    """Convert a pretrained model into a (relaxed) recursive one and save it."""
+    """Convert a pretrained model into a (relaxed) recursive one and save it.
+
+    --plan auto chooses loops, prelude/coda and LoRA ranks under --target-params; --keep-layers makes the
+    layer-dropped baseline instead (the original's most influential layers, or its first ones).
+    """
     from recursify.checkpoint import check_writable
-    from recursify.conversion.convert import convert
     from recursify.info import format_model_info, model_info
     from recursify.sources import quiet_transformers
 
     check_writable(args.out, args.overwrite)
     if args.quiet:
         quiet_transformers()
-    model = convert(
-        args.model,
-        loops=args.loops,
-        init=args.init,
-        rank=args.rank,
-        strategy=args.strategy,
-        norms=args.norms,
-        lora_init=args.lora_init,
-        seed=args.seed,
-        progress=not args.quiet,
-        shared_init=args.shared_init,
-        calib=args.calib,
-        calib_tokens=args.calib_tokens,
-        lora_params=args.lora_params,
-        lsq_rounds=args.lsq_rounds,
-        relax=args.relax,
-        prelude=args.prelude,
-        coda=args.coda,
-    )
+    if args.keep_layers is not None:
+        model = _dropped_model(args)
+    elif args.plan == "auto":
+        model = _auto_plan_model(args)
+    else:
+        from recursify.conversion.convert import convert
+
+        if args.target_params is not None:
+            raise ConfigError("--target-params is the budget of --plan auto (or use --lora-params for a LoRA budget at fixed --loops)")
+        model = convert(
+            args.model,
+            loops=args.loops or 2,
+            init=args.init,
+            rank=args.rank,
+            strategy=args.strategy,
+            norms=args.norms,
+            lora_init=args.lora_init,
+            seed=args.seed,
+            progress=not args.quiet,
+            shared_init=args.shared_init,
+            calib=args.calib,
+            calib_tokens=args.calib_tokens,
+            lora_params=args.lora_params,
+            lsq_rounds=args.lsq_rounds,
+            relax=args.relax,
+            prelude=args.prelude,
+            coda=args.coda,
+        )
     model.save_pretrained(args.out, overwrite=args.overwrite)
     if not args.quiet:
         print(format_model_info(model_info(model)))
         print(f"saved to {args.out}")
+
+
+def _refuse_plan_options(args: argparse.Namespace, what: str, allowed: tuple[str, ...] = ()) -> None:
+    """--plan auto and --keep-layers decide the plan themselves: refuse options that would be ignored."""
+    recursion = RecursionConfig()
+    given = {
+        "--loops": args.loops is not None,
+        "--prelude": args.prelude != recursion.prelude,
+        "--coda": args.coda != recursion.coda,
+        "--rank": args.rank != recursion.rank_spec,
+        "--lora-params": args.lora_params is not None,
+        "--strategy": args.strategy != recursion.strategy,
+        "--relax": args.relax != recursion.relax,
+        "--shared-init": args.shared_init != recursion.shared_init,
+        "--lora-init": args.lora_init != recursion.lora_init and "--lora-init" not in allowed,
+        "--init": args.init != recursion.init and "--init" not in allowed,
+    }
+    clashes = [flag for flag, present in given.items() if present]
+    if clashes:
+        raise ConfigError(f"{what} chooses the plan itself; drop {', '.join(clashes)}")
+
+
+def _auto_plan_model(args: argparse.Namespace) -> Any:
+    from recursify.conversion.plan_search import format_plan_search, search_plan
+
+    if args.target_params is None:
+        raise ConfigError("--plan auto needs a budget: pass --target-params (e.g. 55M non-embedding + per-depth parameters)")
+    _refuse_plan_options(args, "--plan auto", allowed=("--init", "--lora-init"))
+    init = args.init if args.init != RecursionConfig().init else "average"  # auto's default: average, the best init measured
+    lora_init = args.lora_init if args.lora_init != RecursionConfig().lora_init else "asvd"
+    choice = search_plan(
+        args.model, args.target_params, args.calib, args.calib_tokens, init=init, lora_init=lora_init, norms=args.norms,
+        seed=args.seed, progress=not args.quiet,
+    )  # fmt: skip
+    if not args.quiet:
+        print(format_plan_search(choice))
+    return choice.model
+
+
+def _dropped_model(args: argparse.Namespace) -> Any:
+    from recursify.conversion.layer_drop import drop_layers
+
+    _refuse_plan_options(args, "--keep-layers")
+    if args.plan is not None or args.target_params is not None:
+        raise ConfigError("--keep-layers makes a layer-dropped model; it takes no --plan or --target-params")
+    return drop_layers(args.model, args.keep_layers, args.drop_by, args.calib, args.calib_tokens, args.seed, not args.quiet)
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -384,7 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
     recursion = RecursionConfig()
     convert = _command(sub, "convert", cmd_convert, help="convert a pretrained model into a recursive one")
     convert.add_argument("--model", default=DEFAULT_MODEL, help="HF directory, .gguf file, hub id or alias")
-    convert.add_argument("--loops", type=_positive_int, default=2, help="B: loops over K = (L - prelude - coda)/B shared layers")
+    convert.add_argument(
+        "--loops", type=_positive_int, default=None, help="B: loops over K = (L - prelude - coda)/B shared layers (default: 2)"
+    )
     convert.add_argument("--init", choices=SHARED_INITS, default=recursion.init, help="shared-layer init")
     convert.add_argument(
         "--rank",
@@ -426,6 +486,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=recursion.relax,
         help="per-depth relaxation: lora, lora-xs (frozen SVD factors, trainable r x r cores; needs --rank), "
         "prefix:N (N learned key/value tokens per depth) or bias (a bias per depth on every linear)",
+    )
+    convert.add_argument(
+        "--plan",
+        choices=("auto",),
+        default=None,
+        help="auto: compare plans (loops, prelude, coda, LoRA ranks) under --target-params by calibration KL; needs --calib",
+    )
+    convert.add_argument("--target-params", default=None, help="budget of --plan auto: non-embedding + per-depth parameters, e.g. 55M")
+    convert.add_argument(
+        "--keep-layers", type=_positive_int, default=None, help="instead: the layer-dropped baseline, K original layers (loops 1)"
+    )
+    convert.add_argument(
+        "--drop-by", choices=("influence", "first"), default="influence", help="which layers --keep-layers keeps (influence needs --calib)"
     )
     convert.add_argument("--seed", type=int, default=recursion.seed, help="seed for random init")
     convert.add_argument("--out", required=True, help="output directory")

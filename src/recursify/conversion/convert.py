@@ -71,8 +71,6 @@ def convert(
         prelude, coda: keep the first ``prelude`` and the last ``coda`` original layers unique (run
             once before and after the looped block) and loop only the layers between them.
     """
-    from recursify.sources import LoadedSource, load_source
-
     data_aware = lora_init == "asvd" or shared_init == "lsq"
     if data_aware and not calib:
         raise ConfigError("--lora-init asvd and --shared-init lsq need calibration data: pass --calib (e.g. teacher:16k or a .txt file)")
@@ -102,14 +100,7 @@ def convert(
         check_loops(arch.num_layers, recursion.loops, recursion.strategy, recursion.prelude, recursion.coda)
         return arch, recursion
 
-    if hasattr(source, "state_dict") and hasattr(source, "config"):
-        loaded = LoadedSource(
-            spec=type(source).__name__, kind="object", hf_config=source.config, state_dict=source.state_dict(), tokenizer=None
-        )
-    elif isinstance(source, LoadedSource):
-        loaded = source
-    else:  # options are checked against the config before any weights are read
-        loaded = load_source(source, check_config=recursion_for)
+    loaded = open_source(source, check_config=recursion_for)  # options are checked against the config before any weights are read
     arch, recursion = recursion_for(loaded.hf_config)
     original = split_state_dict(loaded.hf_config, loaded.state_dict)
     info = SourceInfo(spec=loaded.spec, hf_config=loaded.hf_config.to_dict(), total_params=original_param_count(original))
@@ -131,6 +122,22 @@ def convert(
     model.report = report
     model.tokenizer = loaded.tokenizer
     return model
+
+
+def open_source(source: str | os.PathLike[str] | Any, check_config: Any = None) -> Any:
+    """A ``LoadedSource`` from a ``--model`` spec, a ``LoadedSource`` already loaded, or a transformers model object.
+
+    ``check_config`` (spec sources) is called with the transformers config before the weights load.
+    """
+    from recursify.sources import LoadedSource, load_source
+
+    if isinstance(source, LoadedSource):
+        return source
+    if hasattr(source, "state_dict") and hasattr(source, "config"):
+        return LoadedSource(
+            spec=type(source).__name__, kind="object", hf_config=source.config, state_dict=source.state_dict(), tokenizer=None
+        )
+    return load_source(source, check_config=check_config)
 
 
 def build_model(arch: ArchConfig, recursion: RecursionConfig, info: SourceInfo, state: dict[str, torch.Tensor]) -> RecursiveModel:
