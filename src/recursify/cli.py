@@ -214,7 +214,7 @@ def cmd_uptrain(args: argparse.Namespace) -> None:
     loss = LossConfig(args.kd, kd_weight, args.temperature, args.exit_loss, args.self_distill)
     fields = ["tokens", "cpu_minutes", "seq_len", "batch_tokens", "micro_batch", "lr", "min_lr_ratio", "warmup_steps"]
     fields += ["weight_decay", "clip"]
-    fields += ["exit_ensemble", "precision", "gradient_checkpointing", "save_every", "eval_every", "eval_tokens", "seed"]
+    fields += ["exit_ensemble", "precision", "gradient_checkpointing", "save_every", "eval_every", "eval_tokens", "seed", "teacher_cache"]
     options = {name: getattr(args, name) for name in fields}
     config = UptrainConfig(args.student, args.out, teacher, args.data, loss=loss, freeze=args.freeze or [], **options)
     config.resume, config.overwrite, config.quiet = args.resume, args.overwrite, args.quiet
@@ -231,7 +231,7 @@ def cmd_heal(args: argparse.Namespace) -> None:
     from recursify.training.healing import heal
 
     fields = ["teacher", "calib_tokens", "minutes", "kd_minutes", "seq_len", "micro_batch", "lr", "kd_lr", "kd_batch_tokens"]
-    fields += ["eval_tokens", "eval_every_minutes", "precision", "seed", "overwrite", "quiet"]
+    fields += ["eval_tokens", "eval_every_minutes", "precision", "seed", "overwrite", "quiet", "teacher_cache"]
     config = HealConfig(args.student, args.out, args.calib, **{name: getattr(args, name) for name in fields})
     quiet_transformers()
     report = heal(config)
@@ -272,6 +272,7 @@ def _add_training_commands(sub: Any) -> None:
     up.add_argument("--temperature", type=float, default=loss.temperature, help="KD softmax temperature")
     up.add_argument("--exit-loss", default=loss.exit_loss, help="none | weighted | aggressive:C")
     up.add_argument("--self-distill", action="store_true", help="earlier exits also learn from the final exit")
+    _add_teacher_cache(up)
     up.add_argument("--exit-ensemble", action="store_true", help="learn weights combining exits 1..b at exit b")
     up.add_argument("--freeze", action="append", metavar="PATTERN", help="freeze matching parameters; '!PATTERN' keeps them (repeat)")
     _add_training_precision(up, run.precision)
@@ -289,6 +290,22 @@ def _add_training_commands(sub: Any) -> None:
     plot = _command(sub, "plot", cmd_plot, help="draw an uptrain run's loss curves to PNG")
     plot.add_argument("run", help="uptrain output directory (holds metrics.jsonl)")
     plot.add_argument("--out", help="PNG path (default: RUN/loss.png)")
+
+
+TEACHER_TOP_K = 64  # --teacher-cache without a value
+
+
+def _add_teacher_cache(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--teacher-cache",
+        type=int,
+        nargs="?",
+        const=TEACHER_TOP_K,
+        default=0,
+        metavar="K",
+        help=f"KD against the teacher's top-K log-probabilities, computed once per data set and cached "
+        f"(K = {TEACHER_TOP_K} when omitted); no teacher forward per step",
+    )
 
 
 def _add_training_precision(parser: argparse.ArgumentParser, default: str) -> None:
@@ -317,6 +334,7 @@ def _add_heal_command(sub: Any) -> None:
     heal.add_argument(
         "--eval-every-minutes", type=float, default=run.eval_every_minutes, help="also evaluate every N CPU-minutes of local phase, 0 = no"
     )
+    _add_teacher_cache(heal)
     _add_training_precision(heal, run.precision)
     heal.add_argument("--seed", type=int, default=run.seed, help="data order")
     heal.add_argument("--out", required=True, help="output checkpoint directory (+ heal.jsonl, heal_report.json)")

@@ -320,6 +320,7 @@ def _kd_phase(config: HealConfig, student_dir: str, teacher_spec: str) -> dict[s
         eval_every=config.kd_eval_every,
         overwrite=config.overwrite,
         quiet=config.quiet,
+        teacher_cache=config.teacher_cache,
     )
     return uptrain(kd)
 

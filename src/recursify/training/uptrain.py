@@ -59,10 +59,11 @@ from recursify.training.common import (
 )
 from recursify.training.config import UptrainConfig
 from recursify.training.exit_ensemble import ExitEnsemble, load_exit_ensemble
-from recursify.training.losses import uptrain_loss
+from recursify.training.losses import SparseTargets, uptrain_loss
 from recursify.training.metrics import MetricsLog
 from recursify.training.params import apply_freeze, enable_gradient_checkpointing, param_groups
 from recursify.training.schedule import batch_rows, lr_factor
+from recursify.training.teacher_cache import teacher_targets
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -114,6 +115,8 @@ class UptrainRun:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     budget: CpuBudget  # not started until the first step
+    targets: SparseTargets | None  # [rows, seq_len, k] cached teacher top-k (--teacher-cache); None = online teacher
+    cache_info: dict[str, Any] | None  # what the cache cost (teacher_cache.teacher_targets)
     log: MetricsLog | None
     resumed: bool
     step: int
@@ -128,7 +131,7 @@ class UptrainRun:
         plan, index = self.plan, self.accelerator.process_index
         global_rows = batch_rows(self.step, plan.rows_per_step, self.rows.shape[0], self.config.seed)
         local = global_rows[index * plan.rows_per_process : (index + 1) * plan.rows_per_process]
-        metrics = self._forward_backward(self.rows[local].to(self.accelerator.device))
+        metrics = self._forward_backward(local)
         clip = self.config.clip if self.config.clip > 0 else math.inf
         metrics["grad_norm"] = float(self.accelerator.clip_grad_norm_(self.model.parameters(), clip))
         if not all(math.isfinite(v) for v in metrics.values()):
@@ -150,23 +153,25 @@ class UptrainRun:
             self.log.write({**record, "cpu_s": self.budget.used(), **metrics})
         return metrics
 
-    def _forward_backward(self, batch: torch.Tensor) -> dict[str, float]:
-        """Forward/backward over the micro-batches of this process's rows; metrics averaged over processes."""
-        chunks = batch.split(self.config.micro_batch)
+    def _forward_backward(self, local: torch.Tensor) -> dict[str, float]:
+        """Forward/backward over the micro-batches of this process's rows (indices ``local``); metrics averaged over processes."""
+        device = self.accelerator.device
+        chunks = local.split(self.config.micro_batch)
         totals: dict[str, float] = {}
-        for index, chunk in enumerate(chunks):
+        for index, rows in enumerate(chunks):
+            chunk = self.rows[rows].to(device)
             sync = index == len(chunks) - 1  # DDP all-reduces gradients once, after the last micro-batch
             with contextlib.nullcontext() if sync else self.accelerator.no_sync(self.model):
-                with precision_context(self.precision, batch.device):
+                with precision_context(self.precision, device):
                     exit_logits = self.model(chunk)
-                    target_logits = teacher_logits(self.teacher, chunk)
-                loss, metrics = uptrain_loss(exit_logits, chunk, target_logits, self.config.loss, self.first_exit)
-                share = chunk.shape[0] / batch.shape[0]
+                    targets = self.targets[rows].to(device) if self.targets is not None else teacher_logits(self.teacher, chunk)
+                loss, metrics = uptrain_loss(exit_logits, chunk, targets, self.config.loss, self.first_exit)
+                share = rows.shape[0] / local.shape[0]
                 self.accelerator.backward(loss * share)
             for key, value in metrics.items():
                 totals[key] = totals.get(key, 0.0) + value * share
         keys = sorted(totals)
-        reduced = self.accelerator.reduce(torch.tensor([totals[k] for k in keys], device=batch.device), reduction="mean")
+        reduced = self.accelerator.reduce(torch.tensor([totals[k] for k in keys], device=device), reduction="mean")
         return dict(zip(keys, reduced.tolist(), strict=True))
 
     def budget_spent(self) -> bool:
@@ -209,6 +214,8 @@ class UptrainRun:
         summary["tokens_seen"] = self.tokens_seen
         summary["steps_run"] = self.last_saved
         summary["cpu_minutes"] = self.budget.used() / 60
+        if self.cache_info is not None:
+            summary["teacher_cache"] = self.cache_info
         return summary
 
 
@@ -278,6 +285,11 @@ def setup(config: UptrainConfig) -> UptrainRun:
     if rows.shape[0] == 0:
         raise DataError(f"--data {config.data_spec!r} yields {train_tokens.numel()} training tokens, fewer than one --seq-len row")
     data_sha = hashlib.sha256(train_tokens.numpy().tobytes()).hexdigest()
+    targets, cache_info = None, None
+    if config.teacher_cache and teacher is not None:  # before the CPU budget starts: paid once per data set, reported apart
+        with accelerator.main_process_first():
+            temperature = config.loss.temperature
+            targets, cache_info = teacher_targets(teacher, rows, config.teacher_cache, temperature, config.micro_batch, precision)
 
     ensemble = load_exit_ensemble(config.student, student.loops) if config.exit_ensemble else None
     apply_freeze(student, config.freeze)
@@ -303,7 +315,8 @@ def setup(config: UptrainConfig) -> UptrainRun:
     return UptrainRun(
         config=config, out=out, accelerator=accelerator, plan=plan, precision=precision, model=model, teacher=teacher,
         first_exit=first_exit, rows=rows, data_sha=data_sha, heldout=heldout, optimizer=optimizer, scheduler=scheduler,
-        budget=budget, log=log, resumed=resumed is not None, step=start_step, tokens_seen=tokens_seen, last_saved=start_step,
+        budget=budget, targets=targets, cache_info=cache_info, log=log, resumed=resumed is not None, step=start_step,
+        tokens_seen=tokens_seen, last_saved=start_step,
     )  # fmt: skip
 
 
