@@ -79,6 +79,7 @@ def train(frontier: Frontier, arm: str, seed: int, minutes: float, tokens: int |
     """Convert, uptrain for ``minutes`` CPU-minutes (or exactly ``tokens`` tokens), measure per loop."""
     options, kind = ARMS[arm]
     args = frontier.args
+    options = {**options, "rank": round(options["rank"] * args.rank_scale)}
     init = work / "init"
     convert(frontier.source, loops=LOOPS, seed=seed, progress=False, **options).save_pretrained(init, overwrite=True)
     exits = kind == "exits"
@@ -127,6 +128,7 @@ def main() -> None:
     parser.add_argument("--calib-tokens", type=int, default=16384)
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--ctx", type=int, default=256)
+    parser.add_argument("--rank-scale", type=float, default=1.0, help="multiply every arm's rank (for models narrower than SmolLM2)")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()

@@ -40,13 +40,19 @@ def cache_path(teacher: RecursiveModel, rows: torch.Tensor, k: int, temperature:
 
 @torch.no_grad()
 def compute_targets(
-    teacher: RecursiveModel, rows: torch.Tensor, k: int, temperature: float = 1.0, micro_batch: int = 4, precision: str = "fp32"
+    teacher: RecursiveModel,
+    rows: torch.Tensor,
+    k: int,
+    temperature: float = 1.0,
+    micro_batch: int = 4,
+    precision: str = "fp32",
+    progress: bool = False,
 ) -> SparseTargets:
     """The teacher's top-k targets on every row [n, seq] -> SparseTargets [n, seq, k] (on the CPU)."""
     from tqdm.auto import tqdm
 
     parts = []
-    for chunk in tqdm(rows.split(micro_batch), desc="teacher top-k", unit="batch", leave=False):
+    for chunk in tqdm(rows.split(micro_batch), desc="teacher top-k", unit="batch", leave=False, disable=not progress):
         with precision_context(precision, teacher.device):
             logits = teacher(chunk.to(teacher.device)).logits
         targets = top_k_targets(logits, k, temperature)
@@ -73,7 +79,13 @@ def load_targets(path: Path) -> SparseTargets:
 
 
 def teacher_targets(
-    teacher: RecursiveModel, rows: torch.Tensor, k: int, temperature: float = 1.0, micro_batch: int = 4, precision: str = "fp32"
+    teacher: RecursiveModel,
+    rows: torch.Tensor,
+    k: int,
+    temperature: float = 1.0,
+    micro_batch: int = 4,
+    precision: str = "fp32",
+    progress: bool = False,
 ) -> tuple[SparseTargets, dict[str, Any]]:
     """The cached targets of ``teacher`` on ``rows``, computed and stored on first use.
 
@@ -84,7 +96,7 @@ def teacher_targets(
     began = time.process_time()
     built = not path.is_file()
     if built:
-        targets = compute_targets(teacher, rows, k, temperature, micro_batch, precision)
+        targets = compute_targets(teacher, rows, k, temperature, micro_batch, precision, progress)
         save_targets(path, targets)
     else:
         targets = load_targets(path)

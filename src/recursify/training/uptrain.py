@@ -289,7 +289,9 @@ def setup(config: UptrainConfig) -> UptrainRun:
     if config.teacher_cache and teacher is not None:  # before the CPU budget starts: paid once per data set, reported apart
         with accelerator.main_process_first():
             temperature = config.loss.temperature
-            targets, cache_info = teacher_targets(teacher, rows, config.teacher_cache, temperature, config.micro_batch, precision)
+            targets, cache_info = teacher_targets(
+                teacher, rows, config.teacher_cache, temperature, config.micro_batch, precision, progress=not config.quiet
+            )
 
     ensemble = load_exit_ensemble(config.student, student.loops) if config.exit_ensemble else None
     apply_freeze(student, config.freeze)
