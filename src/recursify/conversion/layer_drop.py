@@ -93,7 +93,8 @@ def drop_layers(
         if loaded.tokenizer is None:
             raise ConfigError("block influence needs the source model's tokenizer to read --calib; use a checkpoint that ships one")
         assert calib is not None
-        tokens = load_tokens(calib, loaded.tokenizer, "train", calib_tokens, seed)
+        reference.tokenizer = loaded.tokenizer
+        tokens = load_tokens(calib, loaded.tokenizer, "train", calib_tokens, seed, teacher=reference)  # teacher:N samples from it
         influence = block_influence(reference, pack(tokens, min(CALIB_SEQ_LEN, tokens.numel())), progress=progress)
         kept = layers_to_keep(influence, keep)
         report.update(block_influence=influence, calib=calib, calib_tokens=int(tokens.numel()))
