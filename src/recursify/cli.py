@@ -95,40 +95,103 @@ def _positive_int(value: str) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    """Convert a pretrained model into a (relaxed) recursive one and save it."""
+    """Convert a pretrained model into a (relaxed) recursive one and save it.
+
+    --plan auto chooses loops, prelude/coda and LoRA ranks under --target-params; --keep-layers makes the
+    layer-dropped baseline instead (the original's most influential layers, or its first ones).
+    """
     from recursify.checkpoint import check_writable
-    from recursify.conversion.convert import convert
     from recursify.info import format_model_info, model_info
     from recursify.sources import quiet_transformers
 
     check_writable(args.out, args.overwrite)
     if args.quiet:
         quiet_transformers()
-    model = convert(
-        args.model,
-        loops=args.loops,
-        init=args.init,
-        rank=args.rank,
-        strategy=args.strategy,
-        norms=args.norms,
-        lora_init=args.lora_init,
-        seed=args.seed,
-        progress=not args.quiet,
-        shared_init=args.shared_init,
-        calib=args.calib,
-        calib_tokens=args.calib_tokens,
-        lora_params=args.lora_params,
-        lsq_rounds=args.lsq_rounds,
-        relax=args.relax,
-        embed_rank=args.embed_rank,
-        head_rank=args.head_rank,
-        embed_init=args.embed_init,
-        embed_params=args.embed_params,
-    )
+    vocabulary_options = args.embed_rank != "full" or args.head_rank is not None or args.embed_params is not None
+    if vocabulary_options and (args.keep_layers is not None or args.plan == "auto"):
+        raise ConfigError("--embed-rank/--head-rank/--embed-params apply to a plain conversion, not yet to --plan auto or --keep-layers")
+    if args.keep_layers is not None:
+        model = _dropped_model(args)
+    elif args.plan == "auto":
+        model = _auto_plan_model(args)
+    else:
+        from recursify.conversion.convert import convert
+
+        if args.target_params is not None:
+            raise ConfigError("--target-params is the budget of --plan auto (or use --lora-params for a LoRA budget at fixed --loops)")
+        model = convert(
+            args.model,
+            loops=args.loops or 2,
+            init=args.init,
+            rank=args.rank,
+            strategy=args.strategy,
+            norms=args.norms,
+            lora_init=args.lora_init,
+            seed=args.seed,
+            progress=not args.quiet,
+            shared_init=args.shared_init,
+            calib=args.calib,
+            calib_tokens=args.calib_tokens,
+            lora_params=args.lora_params,
+            lsq_rounds=args.lsq_rounds,
+            relax=args.relax,
+            embed_rank=args.embed_rank,
+            head_rank=args.head_rank,
+            embed_init=args.embed_init,
+            embed_params=args.embed_params,
+            prelude=args.prelude,
+            coda=args.coda,
+        )
     model.save_pretrained(args.out, overwrite=args.overwrite)
     if not args.quiet:
         print(format_model_info(model_info(model)))
         print(f"saved to {args.out}")
+
+
+def _refuse_plan_options(args: argparse.Namespace, what: str, allowed: tuple[str, ...] = ()) -> None:
+    """--plan auto and --keep-layers decide the plan themselves: refuse options that would be ignored."""
+    recursion = RecursionConfig()
+    given = {
+        "--loops": args.loops is not None,
+        "--prelude": args.prelude != recursion.prelude,
+        "--coda": args.coda != recursion.coda,
+        "--rank": args.rank != recursion.rank_spec,
+        "--lora-params": args.lora_params is not None,
+        "--strategy": args.strategy != recursion.strategy,
+        "--relax": args.relax != recursion.relax,
+        "--shared-init": args.shared_init != recursion.shared_init,
+        "--lora-init": args.lora_init != recursion.lora_init and "--lora-init" not in allowed,
+        "--init": args.init != recursion.init and "--init" not in allowed,
+    }
+    clashes = [flag for flag, present in given.items() if present]
+    if clashes:
+        raise ConfigError(f"{what} chooses the plan itself; drop {', '.join(clashes)}")
+
+
+def _auto_plan_model(args: argparse.Namespace) -> Any:
+    from recursify.conversion.plan_search import format_plan_search, search_plan
+
+    if args.target_params is None:
+        raise ConfigError("--plan auto needs a budget: pass --target-params (e.g. 55M non-embedding + per-depth parameters)")
+    _refuse_plan_options(args, "--plan auto", allowed=("--init", "--lora-init"))
+    init = args.init if args.init != RecursionConfig().init else "average"  # auto's default: average, the best init measured
+    lora_init = args.lora_init if args.lora_init != RecursionConfig().lora_init else "asvd"
+    choice = search_plan(
+        args.model, args.target_params, args.calib, args.calib_tokens, init=init, lora_init=lora_init, norms=args.norms,
+        seed=args.seed, progress=not args.quiet,
+    )  # fmt: skip
+    if not args.quiet:
+        print(format_plan_search(choice))
+    return choice.model
+
+
+def _dropped_model(args: argparse.Namespace) -> Any:
+    from recursify.conversion.layer_drop import drop_layers
+
+    _refuse_plan_options(args, "--keep-layers")
+    if args.plan is not None or args.target_params is not None:
+        raise ConfigError("--keep-layers makes a layer-dropped model; it takes no --plan or --target-params")
+    return drop_layers(args.model, args.keep_layers, args.drop_by, args.calib, args.calib_tokens, args.seed, not args.quiet)
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -194,7 +257,7 @@ def cmd_uptrain(args: argparse.Namespace) -> None:
     fields = ["tokens", "cpu_minutes", "seq_len", "batch_tokens", "micro_batch", "lr", "min_lr_ratio", "warmup_steps"]
     fields += ["weight_decay", "clip"]
     fields += ["exit_ensemble", "exit_heads", "freeze_model", "precision", "gradient_checkpointing", "save_every", "eval_every"]
-    fields += ["eval_tokens", "seed", "compile", "fused_adamw", "stream", "peak_flops"]
+    fields += ["eval_tokens", "seed", "compile", "fused_adamw", "stream", "peak_flops", "teacher_cache"]
     options = {name: getattr(args, name) for name in fields}
     config = UptrainConfig(args.student, args.out, teacher, args.data, loss=loss, freeze=args.freeze or [], **options)
     config.resume, config.overwrite, config.quiet = args.resume, args.overwrite, args.quiet
@@ -212,7 +275,7 @@ def cmd_heal(args: argparse.Namespace) -> None:
     from recursify.training.healing import heal
 
     fields = ["teacher", "calib_tokens", "minutes", "kd_minutes", "seq_len", "micro_batch", "lr", "kd_lr", "kd_batch_tokens"]
-    fields += ["eval_tokens", "eval_every_minutes", "precision", "seed", "overwrite", "quiet"]
+    fields += ["eval_tokens", "eval_every_minutes", "precision", "seed", "overwrite", "quiet", "teacher_cache"]
     config = HealConfig(args.student, args.out, args.calib, **{name: getattr(args, name) for name in fields})
     quiet_transformers()
     report = heal(config)
@@ -276,6 +339,7 @@ def _add_training_commands(sub: Any) -> None:
     up.add_argument("--temperature", type=float, default=loss.temperature, help="KD softmax temperature")
     up.add_argument("--exit-loss", default=loss.exit_loss, help="none | weighted | aggressive:C")
     up.add_argument("--self-distill", action="store_true", help="earlier exits also learn from the final exit")
+    _add_teacher_cache(up)
     up.add_argument("--exit-ensemble", action="store_true", help="learn weights combining exits 1..b at exit b")
     up.add_argument(
         "--early-exit-target",
@@ -319,6 +383,22 @@ def _add_training_commands(sub: Any) -> None:
     plot = _command(sub, "plot", cmd_plot, help="draw an uptrain run's loss curves to PNG")
     plot.add_argument("run", help="uptrain output directory (holds metrics.jsonl)")
     plot.add_argument("--out", help="PNG path (default: RUN/loss.png)")
+
+
+TEACHER_TOP_K = 64  # --teacher-cache without a value
+
+
+def _add_teacher_cache(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--teacher-cache",
+        type=int,
+        nargs="?",
+        const=TEACHER_TOP_K,
+        default=0,
+        metavar="K",
+        help=f"KD against the teacher's top-K log-probabilities, computed once per data set and cached "
+        f"(K = {TEACHER_TOP_K} when omitted); no teacher forward per step",
+    )
 
 
 def _add_training_precision(parser: argparse.ArgumentParser, default: str) -> None:
@@ -366,6 +446,7 @@ def _add_heal_command(sub: Any) -> None:
     heal.add_argument(
         "--eval-every-minutes", type=float, default=run.eval_every_minutes, help="also evaluate every N CPU-minutes of local phase, 0 = no"
     )
+    _add_teacher_cache(heal)
     _add_training_precision(heal, run.precision)
     heal.add_argument("--seed", type=int, default=run.seed, help="data order")
     heal.add_argument("--out", required=True, help="output checkpoint directory (+ heal.jsonl, heal_report.json)")
@@ -451,9 +532,14 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         "--ppl",
         metavar="DATA",
         help="perplexity on a --data source (text/jsonl/parquet file or directory, teacher:N, hf:NAME); "
-        "uses its held-out split by default (see --split)",
+        "uses its held-out split by default (see --split; 'all' for a whole test file)",
     )
-    parser.add_argument("--split", choices=("heldout", "train"), default="heldout", help="split of --ppl data")
+    parser.add_argument(
+        "--split",
+        choices=("heldout", "train", "all"),
+        default="heldout",
+        help="split of --ppl data; 'all' scores local files whole, in their own order (as published test-file perplexities)",
+    )
     parser.add_argument("--max-tokens", type=_count, default=None, help="evaluate at most this many tokens (e.g. 50k)")
     parser.add_argument("--ctx", type=_positive_int, default=512, help="sliding-window length in tokens")
     parser.add_argument(
@@ -486,7 +572,9 @@ def build_parser() -> argparse.ArgumentParser:
     recursion = RecursionConfig()
     convert = _command(sub, "convert", cmd_convert, help="convert a pretrained model into a recursive one")
     convert.add_argument("--model", default=DEFAULT_MODEL, help="HF directory, .gguf file, hub id or alias")
-    convert.add_argument("--loops", type=_positive_int, default=2, help="B: loops over K = L/B shared layers")
+    convert.add_argument(
+        "--loops", type=_positive_int, default=None, help="B: loops over K = (L - prelude - coda)/B shared layers (default: 2)"
+    )
     convert.add_argument("--init", choices=SHARED_INITS, default=recursion.init, help="shared-layer init")
     convert.add_argument(
         "--rank",
@@ -494,7 +582,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=recursion.rank_spec,
         help="per-depth LoRA rank; 0 = pure recursive, 'full' = exact; capped at each linear's min(in, out)",
     )
-    convert.add_argument("--strategy", choices=STRATEGIES, default=recursion.strategy, help="which shared layer serves each depth")
+    convert.add_argument(
+        "--strategy",
+        choices=STRATEGIES,
+        default=recursion.strategy,
+        help="which shared layer serves each looped depth; middle-cycle = cycle with --prelude 1 --coda 1",
+    )
+    convert.add_argument(
+        "--prelude", type=int, default=recursion.prelude, help="keep the first N original layers unique (run once, before the loops)"
+    )
+    convert.add_argument(
+        "--coda", type=int, default=recursion.coda, help="keep the last M original layers unique (run once, before the head)"
+    )
     convert.add_argument(
         "--norms", choices=NORM_MODES, default=recursion.norms, help="RMSNorm gains: per-depth (exact at full rank), tied, fold"
     )
@@ -541,6 +640,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="parameter budget for input embedding + head (e.g. 12M) instead of --embed-rank: tied or untied and the ranks "
         "chosen by KL on calibration tokens (needs --calib)",
+    )
+    convert.add_argument(
+        "--plan",
+        choices=("auto",),
+        default=None,
+        help="auto: compare plans (loops, prelude, coda, LoRA ranks) under --target-params by calibration KL; needs --calib",
+    )
+    convert.add_argument("--target-params", default=None, help="budget of --plan auto: non-embedding + per-depth parameters, e.g. 55M")
+    convert.add_argument(
+        "--keep-layers", type=_positive_int, default=None, help="instead: the layer-dropped baseline, K original layers (loops 1)"
+    )
+    convert.add_argument(
+        "--drop-by", choices=("influence", "first"), default="influence", help="which layers --keep-layers keeps (influence needs --calib)"
     )
     convert.add_argument("--seed", type=int, default=recursion.seed, help="seed for random init")
     convert.add_argument("--out", required=True, help="output directory")

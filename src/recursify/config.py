@@ -22,6 +22,22 @@ CALIB_TOKENS = 16384  # calibration tokens streamed through the original by data
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16")  # what a forward computes in; "auto" picks one from the hardware where offered
 
 
+def normalise_plan(strategy: str, prelude: int, coda: int) -> tuple[str, int, int]:
+    """(strategy, prelude, coda) with the paper's ``middle-cycle`` spelled out as cycle + prelude 1 + coda 1.
+
+    Middle-Cycle keeps the first and the last layer unique and cycles the middle ones: one sharing
+    plan among all (prelude N, coda M), so the schedule has a single mechanism for it.
+
+    Raises:
+        ConfigError: ``middle-cycle`` together with an explicit prelude or coda.
+    """
+    if strategy != "middle-cycle":
+        return strategy, prelude, coda
+    if prelude or coda:
+        raise ConfigError("--strategy middle-cycle already means --prelude 1 --coda 1; use --strategy cycle with --prelude/--coda instead")
+    return "cycle", 1, 1
+
+
 def parse_relax(spec: str) -> tuple[str, int]:
     """("lora" | "lora-xs" | "prefix" | "bias", prefix tokens) from a ``--relax`` spec such as "prefix:64".
 
@@ -117,6 +133,11 @@ class RecursionConfig:
         calib: the calibration data spec used by asvd / lsq / the budget ("" = none).
         calib_tokens: calibration tokens actually used.
         lora_params: the LoRA parameter budget that chose ``layer_ranks`` (0 = none).
+        prelude, coda: the first ``prelude`` and the last ``coda`` original layers stay unique (run
+            once, before and after the looped block; no LoRA: they are the original layers); only
+            the layers between them are tied and looped (``modeling/schedule.py``).
+        kept_layers: after layer dropping (``conversion/layer_drop.py``), the original layer each
+            depth was taken from, in order; empty = every original layer (no dropping).
         relax: how depths are relaxed from the tied weights: "lora" (per-depth LoRA, trainable
             A and B), "lora-xs" (fixed A and B from the SVD, a trainable r x r matrix per depth),
             "prefix:N" (N learned key/value prefix tokens per depth, no LoRA) or "bias" (a
@@ -155,6 +176,9 @@ class RecursionConfig:
     embed_init: str = "weighted"
     embed_params: int = 0
     exit_head_rank: int = 0
+    prelude: int = 0
+    coda: int = 0
+    kept_layers: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         parse_relax(self.relax)
@@ -169,6 +193,11 @@ class RecursionConfig:
         if self.exit_head_rank and self.loops < 2:
             raise ConfigError("exit heads need early exits: a model with loops >= 2")
         _check_choice("strategy", self.strategy, STRATEGIES)
+        self.strategy, self.prelude, self.coda = normalise_plan(self.strategy, self.prelude, self.coda)
+        if not isinstance(self.prelude, int) or not isinstance(self.coda, int) or self.prelude < 0 or self.coda < 0:
+            raise ConfigError(f"prelude and coda must be non-negative integers, got {self.prelude!r} and {self.coda!r}")
+        if self.kept_layers and (self.loops != 1 or sorted(set(self.kept_layers)) != self.kept_layers or self.kept_layers[0] < 0):
+            raise ConfigError(f"kept_layers must be increasing original layer indices of a loops=1 model, got {self.kept_layers}")
         _check_choice("init", self.init, SHARED_INITS)
         _check_choice("lora_init", self.lora_init, LORA_INITS)
         _check_choice("norms", self.norms, NORM_MODES)

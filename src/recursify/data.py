@@ -20,6 +20,12 @@ evaluation on it is not dominated by noise.
 
 Order: local documents of a split are shuffled by ``seed``; hub datasets use a seeded shuffle buffer.
 
+``split="all"`` (local files only) is for scoring a test file as published perplexities are: every file
+whole, in its own order (sorted paths for a directory), nothing held out, shuffled or re-joined. A
+``.txt`` file is one document with its text exactly as written; ``.jsonl``/``.parquet`` records are
+documents in file order. ``load_tokens`` separates documents by EOS but adds none after the last one, so
+one ``.txt`` file gives exactly its tokenisation.
+
 Processes: ``rank``/``world_size`` give process ``rank`` of ``world_size`` a disjoint share of a split's
 documents; the shares together are exactly the single-process split (data-parallel training reads its
 own share, streamed, with ``stream_rows``). Local and ``teacher:N`` documents are dealt round-robin from
@@ -51,6 +57,7 @@ if TYPE_CHECKING:
     from recursify.modeling.model import RecursiveModel
 
 SPLITS = ("train", "heldout")
+ALL = "all"  # every document of local files, in file order (see the module doc)
 HELDOUT_BUCKETS = 20
 TXT_DOC_CHARS = 2000
 MIN_HELDOUT_TOKENS = 4096
@@ -137,7 +144,8 @@ def read_documents(
 
     Args:
         spec: file, directory, ``teacher:N``, ``hf:NAME[:CONFIG]`` or hub id (see the module doc).
-        split: ``"train"`` or ``"heldout"``; the two never share a document.
+        split: ``"train"`` or ``"heldout"`` (the two never share a document), or ``"all"``: local files
+            whole and in order (see the module doc).
         seed: order of local documents, shuffle buffer of hub datasets, sampling of ``teacher:N``.
         teacher: the model that samples ``teacher:N`` (its tokenizer decodes the samples).
         rank, world_size: read only process ``rank``'s share of ``world_size`` disjoint shares
@@ -147,9 +155,11 @@ def read_documents(
         DataError: the spec names nothing readable; raised here, before iteration starts.
         ConfigError: ``rank`` is not in ``[0, world_size)``.
     """
-    if split not in SPLITS:
-        raise DataError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
+    if split not in (*SPLITS, ALL):
+        raise DataError(f"unknown split {split!r}; choose one of: {', '.join((*SPLITS, ALL))}")
     check_shard(rank, world_size)
+    if split == ALL:
+        return itertools.islice(_whole_files(spec), rank, None, world_size)
     if spec.startswith(TEACHER_PREFIX):
         return itertools.islice(teacher_documents(teacher, _teacher_count(spec), split, seed), rank, None, world_size)
     path = Path(spec).expanduser()
@@ -182,8 +192,9 @@ def load_tokens(
 ) -> torch.Tensor:
     """The split's documents tokenised with ``tokenizer`` and joined with EOS: 1-D int64.
 
-    Each document is followed by the tokenizer's EOS token; the result is cut at ``max_tokens``
-    (documents are read only as far as needed). ``rank``/``world_size``: this process's share only.
+    Each document is followed by the tokenizer's EOS token (with ``split="all"``: documents are
+    separated by EOS, none follows the last); the result is cut at ``max_tokens`` (documents are read
+    only as far as needed). ``rank``/``world_size``: this process's share only.
     """
     if max_tokens is not None and max_tokens < 1:
         raise ConfigError(f"max_tokens must be positive, got {max_tokens}")
@@ -192,6 +203,9 @@ def load_tokens(
         ids.extend(doc_ids)
         if max_tokens is not None and len(ids) >= max_tokens:
             break
+    else:  # every document read
+        if split == ALL and ids:
+            ids.pop()  # the EOS after the last document: nothing to score there in a test file
     if not ids:
         raise DataError(
             f"--data {spec!r} has no {split} documents{_share(rank, world_size)}; give more text (about 5% of documents are held out)"
@@ -400,6 +414,15 @@ def _data_files(path: Path) -> list[Path]:
     if not files:
         raise DataError(f"directory {path} holds no {', '.join(FILE_SUFFIXES)} files")
     return files
+
+
+def _whole_files(spec: str) -> Iterator[str]:
+    """The documents of ``split="all"``: every local file whole (a .txt verbatim), in sorted path order."""
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise DataError(f"--split all scores local files in their own order; {spec!r} is not an existing file or directory")
+    files = _data_files(path)
+    return (doc for file in files for doc in ([_read_text(file)] if file.suffix == ".txt" else _file_documents(file)) if doc)
 
 
 def _local_documents(files: list[Path], split: str, seed: int) -> Iterator[str]:

@@ -21,6 +21,9 @@ def model_info(model: RecursiveModel) -> dict[str, Any]:
         "unique_layers": len(model.layers),
         "depths": model.num_depths,
         "strategy": recursion.strategy,
+        "prelude": recursion.prelude,
+        "coda": recursion.coda,
+        "kept_layers": recursion.kept_layers,
         "init": recursion.init,
         "rank": recursion.rank_spec,
         "ranks": recursion.ranks,
@@ -60,8 +63,7 @@ def format_model_info(info: dict[str, Any]) -> str:
     rank_note = f" (capped at full rank: {', '.join(f'{n}={r}' for n, r in capped.items())})" if capped else ""
     lines = [
         f"source      {info['source']} ({info['family']})",
-        f"recursion   {info['loops']} loops x {info['unique_layers']} unique layers = {info['depths']} depths, "
-        f"strategy {info['strategy']}, init {info['init']}",
+        f"recursion   {_plan_line(info)}, strategy {info['strategy']}, init {info['init']}",
         f"relaxation  {info.get('relax', 'lora')}, rank {info['rank']}{rank_note}, {info['lora_init']} init, "
         f"norms {info['norms']}, shared {info['shared_init']}",
         "",
@@ -84,3 +86,14 @@ def format_model_info(info: dict[str, Any]) -> str:
 
 def _rank_text(rank: int | None) -> str:
     return "dense" if rank is None else f"rank {rank}"
+
+
+def _plan_line(info: dict[str, Any]) -> str:
+    """ "2 loops x 13 unique layers = 30 depths", with the prelude/coda or the kept layers when there are any."""
+    prelude, coda = info.get("prelude", 0), info.get("coda", 0)
+    if info.get("kept_layers"):
+        return f"{info['depths']} layers kept of the original's (layer dropping): {info['kept_layers']}"
+    if not prelude and not coda:
+        return f"{info['loops']} loops x {info['unique_layers']} unique layers = {info['depths']} depths"
+    block = info["unique_layers"] - prelude - coda
+    return f"prelude {prelude} + {info['loops']} loops x {block} shared layers + coda {coda} = {info['depths']} depths"

@@ -158,7 +158,7 @@ def count_params(arch: ArchConfig, recursion: RecursionConfig) -> ParamCounts:
     import torch
 
     from recursify.modeling.layers import linear_shapes
-    from recursify.modeling.model import RecursiveModel, parameter_group
+    from recursify.modeling.model import RecursiveModel, lora_rank, parameter_group
 
     with torch.device("meta"):
         model = RecursiveModel(arch, recursion)
@@ -173,7 +173,7 @@ def count_params(arch: ArchConfig, recursion: RecursionConfig) -> ParamCounts:
     for slot in model.schedule:
         for linear in LINEARS:
             fan_in, fan_out = shapes[linear]
-            matmul += fan_in * fan_out + recursion.rank_of(slot.layer, linear) * (fan_in + fan_out)
+            matmul += fan_in * fan_out + lora_rank(recursion, model.schedule, slot.layer, linear) * (fan_in + fan_out)
     largest = max(sum(p.numel() for p in layer.parameters()) for layer in model.layers)
     return ParamCounts(groups["embedding"], groups["shared"], groups["per_depth"], matmul, largest)
 

@@ -80,10 +80,46 @@ def test_build_schedule_by_hand(
     assert [s.visit for s in schedule] == visits
     assert [s.loop for s in schedule] == loop_of_depth
     assert num_unique_layers(num_layers, loops, strategy) == len(set(layers))
-    # exits sit at the last depth of every loop, and the final one is the last depth
+    # exits sit at the last looped depth of every loop; the final one is the last depth before the coda
+    coda = 1 if strategy == "middle-cycle" else 0
     ends = loop_end_depths(schedule)
-    assert len(ends) == loops and ends[-1] == num_layers - 1
-    assert ends == [max(d for d, lp in enumerate(loop_of_depth) if lp == b) for b in range(loops)]
+    assert len(ends) == loops and ends[-1] == num_layers - 1 - coda
+    assert ends == [max(d for d, lp in enumerate(loop_of_depth[: num_layers - coda]) if lp == b) for b in range(loops)]
+
+
+@pytest.mark.parametrize(
+    ("num_layers", "loops", "strategy", "prelude", "coda", "layers", "visits", "parts"),
+    [
+        (6, 2, "cycle", 2, 0, [0, 1, 2, 3, 2, 3], [0, 0, 0, 0, 1, 1], "PPLLLL"),
+        (6, 2, "cycle", 0, 2, [0, 1, 0, 1, 2, 3], [0, 0, 1, 1, 0, 0], "LLLLCC"),
+        (8, 2, "cycle", 1, 3, [0, 1, 2, 1, 2, 3, 4, 5], [0, 0, 0, 1, 1, 0, 0, 0], "PLLLLCCC"),
+        (7, 3, "sequence", 2, 2, [0, 1, 2, 2, 2, 3, 4], [0, 0, 0, 1, 2, 0, 0], "PPLLLCC"),
+        (8, 2, "cycle-rev", 2, 2, [0, 1, 2, 3, 3, 2, 4, 5], [0, 0, 0, 0, 1, 1, 0, 0], "PPLLLLCC"),
+        (6, 1, "cycle", 2, 1, [0, 1, 2, 3, 4, 5], [0] * 6, "PPLLLC"),
+    ],
+)
+def test_prelude_and_coda_schedules_by_hand(
+    num_layers: int, loops: int, strategy: str, prelude: int, coda: int, layers: list[int], visits: list[int], parts: str
+) -> None:
+    schedule = build_schedule(num_layers, loops, strategy, prelude, coda)
+    assert [s.layer for s in schedule] == layers
+    assert [s.visit for s in schedule] == visits
+    assert "".join(s.part[0].upper() for s in schedule) == parts
+    looped = [s for s in schedule if s.part == "loop"]
+    assert [s.loop for s in looped] == [i * loops // len(looped) for i in range(len(looped))]
+    assert all(s.loop == 0 for s in schedule if s.part == "prelude") and all(s.loop == loops - 1 for s in schedule if s.part == "coda")
+    assert loop_end_depths(schedule) == [prelude + (b + 1) * len(looped) // loops - 1 for b in range(loops)]
+    assert num_unique_layers(num_layers, loops, strategy, prelude, coda) == len(set(layers))
+
+
+def test_middle_cycle_is_cycle_with_a_prelude_and_coda_of_one() -> None:
+    assert build_schedule(8, 3, "middle-cycle") == build_schedule(8, 3, "cycle", 1, 1)
+    with pytest.raises(ConfigError, match="already means --prelude 1 --coda 1"):
+        build_schedule(8, 3, "middle-cycle", 2, 0)
+    with pytest.raises(ConfigError, match="leave no layer"):
+        build_schedule(6, 1, "cycle", 3, 3)
+    with pytest.raises(ConfigError, match=r"4 looped layers \(after a prelude of 1 and a coda of 1\).*valid loops: 1, 2, 4$"):
+        build_schedule(6, 3, "cycle", 1, 1)
 
 
 @pytest.mark.parametrize(
@@ -125,12 +161,12 @@ def test_convert_rejects_invalid_loops_before_any_work() -> None:
     ],
 )
 def test_init_sources_by_hand(loops: int, strategy: str, init: str, expected: list[list[int]]) -> None:
-    assert init_sources(build_schedule(6, loops, strategy), init, strategy) == expected
+    assert init_sources(build_schedule(6, loops, strategy), init) == expected
 
 
 def test_stepwise_keeps_first_and_last_layer_for_deeper_models() -> None:
-    assert init_sources(build_schedule(12, 3, "cycle"), "stepwise", "cycle") == [[0], [4], [7], [11]]
-    assert init_sources(build_schedule(30, 3, "cycle"), "stepwise", "cycle") == [[round(k * 29 / 9 - 1e-9)] for k in range(10)]
+    assert init_sources(build_schedule(12, 3, "cycle"), "stepwise") == [[0], [4], [7], [11]]
+    assert init_sources(build_schedule(30, 3, "cycle"), "stepwise") == [[round(k * 29 / 9 - 1e-9)] for k in range(10)]
 
 
 # --- exactness at full rank --------------------------------------------------------------------
@@ -151,6 +187,20 @@ def test_full_rank_svd_reproduces_original(family: str, strategy: str, init: str
 def test_full_rank_svd_reproduces_original_at_more_loops(family: str, loops: int, strategy: str) -> None:
     hf, _, _ = _reference(family)
     model = recursify.convert(hf, loops=loops, init="average", rank="full", strategy=strategy, progress=False)
+    assert _max_diff(model, family) < EXACT
+
+
+@pytest.mark.parametrize(
+    ("loops", "prelude", "coda", "init"), [(2, 2, 0, "average"), (2, 0, 2, "stepwise"), (2, 1, 3, "lower"), (4, 1, 1, "random")]
+)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prelude_and_coda_at_full_rank_reproduce_the_original(family: str, loops: int, prelude: int, coda: int, init: str) -> None:
+    hf, _, _ = _reference(family)
+    model = recursify.convert(hf, loops=loops, prelude=prelude, coda=coda, init=init, rank="full", progress=False)
+    assert len(model.layers) == prelude + (6 - prelude - coda) // loops + coda
+    for slot in model.schedule:  # prelude and coda layers are the original layers, without LoRA
+        if slot.part != "loop":
+            assert model.shared_layer(slot.layer).q.lora_A is None
     assert _max_diff(model, family) < EXACT
 
 
@@ -187,10 +237,10 @@ def test_tied_norms_are_exact_when_every_depth_has_the_same_gains(family: str) -
 # --- rank 0 is the hand-tied model -------------------------------------------------------------
 
 
-def _hand_tied(hf: Any, loops: int, strategy: str, init: str, tie_norms: bool) -> Any:
+def _hand_tied(hf: Any, loops: int, strategy: str, init: str, tie_norms: bool, prelude: int = 0, coda: int = 0) -> Any:
     """A transformers copy whose layer at depth d holds the shared weights the schedule assigns it."""
-    schedule = build_schedule(len(hf.model.layers), loops, strategy)
-    sources = init_sources(schedule, init, strategy)
+    schedule = build_schedule(len(hf.model.layers), loops, strategy, prelude, coda)
+    sources = init_sources(schedule, init)
     originals = [{n: p.detach().clone() for n, p in layer.named_parameters()} for layer in hf.model.layers]
     tied = copy.deepcopy(hf)
     with torch.no_grad():
@@ -216,6 +266,26 @@ def test_rank_zero_equals_hand_tied_transformers_model(family: str, strategy: st
         got = model(ids).logits
     assert (got - ref).abs().max() < 1e-4
     assert (got - original).abs().max() > 0.1  # tying changed the function, so the match above is informative
+
+
+@pytest.mark.parametrize(("prelude", "coda", "init"), [(2, 0, "stepwise"), (0, 2, "average"), (1, 1, "lower"), (2, 2, "average")])
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_prelude_coda_rank_zero_equals_hand_tied_transformers_model(family: str, prelude: int, coda: int, init: str) -> None:
+    hf, ids, original = _reference(family)
+    loops = 2 if prelude + coda < 4 else 1
+    tied = _hand_tied(hf, loops, "cycle", init, tie_norms=False, prelude=prelude, coda=coda)
+    model = recursify.convert(hf, loops=loops, init=init, rank=0, prelude=prelude, coda=coda, progress=False)
+    # by hand: the prelude and coda keep their own depths; the looped middle follows the rule over the middle depths only
+    middle = list(range(prelude, 6 - coda))
+    expected = {"stepwise": [[middle[0]], [middle[-1]]], "lower": [[middle[0]], [middle[1]]]}.get(init)
+    sources = init_sources(model.schedule, init)
+    assert sources[:prelude] == [[d] for d in range(prelude)] and sources[len(sources) - coda :] == [[6 - coda + j] for j in range(coda)]
+    if expected is not None and loops == 2:
+        assert sources[prelude : prelude + 2] == expected
+    with torch.no_grad():
+        got = model(ids).logits
+        assert (got - tied(ids).logits).abs().max() < 1e-4
+    assert loops == 1 or (got - original).abs().max() > 0.1
 
 
 def test_random_init_ignores_the_original_layers() -> None:
@@ -321,12 +391,14 @@ def test_rank_above_a_narrow_linears_min_in_out_is_capped_there() -> None:
 # --- parameter accounting ----------------------------------------------------------------------
 
 
-def _closed_form_counts(hf: Any, loops: int, strategy: str, rank: int | str, norms: str) -> dict[str, int]:
+def _closed_form_counts(hf: Any, loops: int, strategy: str, rank: int | str, norms: str, prelude: int = 0, coda: int = 0) -> dict[str, int]:
     cfg = hf.config
     num_layers, hidden, vocab = cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size
-    # visits per unique layer: middle-cycle keeps the first and last layer for one visit each
-    middle = strategy == "middle-cycle"
-    visits = [1] + [loops] * ((num_layers - 2) // loops) + [1] if middle else [loops] * (num_layers // loops)
+    if strategy == "middle-cycle":
+        prelude, coda = 1, 1
+    # visits per unique layer: the prelude and coda layers serve one depth each and carry no LoRA
+    looped = [loops] * ((num_layers - prelude - coda) // loops)
+    visits = [1] * prelude + looped + [1] * coda
     layer0 = hf.model.layers[0]
     bias_residuals = rank != 0 and loops > 1
     linears = nonlinear = lora = 0
@@ -334,10 +406,10 @@ def _closed_form_counts(hf: Any, loops: int, strategy: str, rank: int | str, nor
         out_f, in_f = layer0.get_submodule(module_name).weight.shape
         r = min(in_f, out_f) if rank == "full" else rank
         linears += out_f * in_f
-        lora += sum(visits) * r * (in_f + out_f)
+        lora += sum(looped) * r * (in_f + out_f)
         if layer0.get_submodule(module_name).bias is not None:
             linears += out_f
-            lora += sum(visits) * out_f if bias_residuals else 0
+            lora += sum(looped) * out_f if bias_residuals else 0
     norms_per_layer = {n: p.numel() for n, p in layer0.named_parameters() if "norm" in n}
     sandwich = "pre_feedforward_layernorm.weight" in norms_per_layer  # Gemma2/3: post_attention_layernorm is a sandwich norm
     pre_norms = {"input_layernorm.weight", "pre_feedforward_layernorm.weight" if sandwich else "post_attention_layernorm.weight"}
@@ -373,6 +445,17 @@ def test_param_counts_match_closed_form(family: str, loops: int, strategy: str, 
     assert counts["ratio"] == pytest.approx(counts["total"] / source_total)
     if loops == 1 and rank == 0:
         assert counts["total"] == source_total and counts["ratio"] == 1.0
+
+
+@pytest.mark.parametrize(
+    ("family", "loops", "prelude", "coda", "rank", "norms"),
+    [("llama", 2, 2, 0, 4, "per-depth"), ("qwen2", 2, 1, 3, 3, "per-depth"), ("gemma2", 4, 1, 1, 2, "fold"), ("qwen3", 1, 2, 2, 5, "tied")],
+)
+def test_prelude_coda_param_counts_match_closed_form(family: str, loops: int, prelude: int, coda: int, rank: int, norms: str) -> None:
+    hf, _, _ = _reference(family)
+    model = recursify.convert(hf, loops=loops, prelude=prelude, coda=coda, rank=rank, norms=norms, progress=False)
+    expected = _closed_form_counts(hf, loops, "cycle", rank, norms, prelude, coda)
+    assert {k: model.param_counts()[k] for k in expected} == expected
 
 
 def test_param_counts_worked_example() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -10,10 +11,10 @@ import pytest
 
 from recursify.cli import main
 from recursify.data import load_tokens
-from recursify.errors import ConfigError
+from recursify.errors import ConfigError, RecursifyError
 from recursify.evaluation.exits import LoopMetrics, OracleExits
 from recursify.evaluation.multiple_choice import TaskResult
-from recursify.evaluation.perplexity import PerplexityResult
+from recursify.evaluation.perplexity import PerplexityResult, sliding_windows
 from recursify.evaluation.plots import exit_plot, pareto_plot
 from recursify.evaluation.report import EvalReport, format_comparison, format_markdown
 from tiny import save_tiny_checkpoint, tiny_tokenizer
@@ -82,6 +83,44 @@ def test_ppl_defaults_to_the_heldout_split(workspace: dict[str, Path], capsys: p
     args = ["eval", str(workspace["source"]), "--ppl", str(workspace["data"]), "--split", "train", "--max-tokens", "300"]
     assert main([*args, "--json", "-", "--quiet"]) == 0
     assert json.loads(capsys.readouterr().out)["ppl"]["tokens"] == train.numel() - 1 == 299
+
+
+def test_split_all_scores_a_whole_file_in_its_own_order(workspace: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    """Every token of the file once, in file order: len(text) - 1 scored tokens (a character tokenizer), equal to a direct computation."""
+    import torch
+    import transformers
+
+    text = "the cat sat on the mat.\n\n\n  then it ran under a big tree,\n and it was red!\n\nA small blue dog sat. " * 3
+    path = workspace["root"] / "test_file.txt"
+    path.write_text(text)
+    args = ["eval", str(workspace["source"]), "--ppl", str(path), "--split", "all", "--ctx", "16", "--json", "-", "--quiet"]
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out)["ppl"]
+    assert result["tokens"] == len(text) - 1
+    ids = torch.tensor(tiny_tokenizer()(text, add_special_tokens=False)["input_ids"])
+    assert ids.numel() == len(text)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(workspace["source"]).eval()
+    nll = 0.0
+    with torch.no_grad():  # transformers' model on the file's own token stream, HF's perplexity-guide masking
+        for window in sliding_windows(ids.numel(), 16, 16):
+            input_ids = ids[window.begin : window.end + 1][None]
+            labels = input_ids.clone()
+            labels[:, : -window.scored] = -100
+            nll += float(hf(input_ids, labels=labels).loss) * window.scored
+    assert result["value"] == pytest.approx(math.exp(nll / (len(text) - 1)), rel=1e-4)
+    # a directory: its files in sorted order, separated by one EOS, nothing after the last
+    folder = workspace["root"] / "test_dir"
+    folder.mkdir()
+    (folder / "b.txt").write_text("zz top")
+    (folder / "a.txt").write_text(text)
+    tokens = load_tokens(str(folder), tiny_tokenizer(), "all")
+    assert tokens.tolist() == [
+        *ids.tolist(),
+        tiny_tokenizer().eos_token_id,
+        *tiny_tokenizer()("zz top", add_special_tokens=False)["input_ids"],
+    ]
+    with pytest.raises(RecursifyError, match="local files"):
+        load_tokens("teacher:100", tiny_tokenizer(), "all")
 
 
 def test_compare_draws_both_plots(workspace: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:

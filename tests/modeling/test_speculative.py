@@ -22,7 +22,8 @@ from recursify.modeling.speculative import SpeculativeStats
 from tiny import tiny_model
 
 # (family, loops, conversion options): sliding windows and soft-caps (gemma2), per-layer-type RoPE (gemma3),
-# relaxed LoRA, LoRA-XS, bias residuals, and a model whose early exits have their own (random) exit heads.
+# relaxed LoRA, LoRA-XS, bias residuals, models whose early exits have their own (random) exit heads, one of them with
+# a prelude and a coda (drafts exit through the coda, which writes keys the verify pass rewrites).
 MODELS = {
     "llama-l3-lora": ("llama", 3, {"rank": 4}),
     "gemma2-l2-lora": ("gemma2", 2, {"rank": 4}),
@@ -30,6 +31,7 @@ MODELS = {
     "qwen2-l3-bias": ("qwen2", 3, {"relax": "bias"}),
     "mistral-l2-loraxs": ("mistral", 2, {"rank": 4, "relax": "lora-xs"}),
     "llama-l3-exit-heads": ("llama", 3, {"rank": 4, "exit_heads": 8}),
+    "llama-l2-prelude-coda-exit-heads": ("llama", 2, {"rank": 4, "prelude": 1, "coda": 1, "exit_heads": 8}),
 }
 
 

@@ -45,9 +45,12 @@ def early_exit_greedy(
 ) -> tuple[list[int], list[int]]:
     """Greedy tokens and loops run per token, with early exits and propagate/share keys for skipped depths.
 
-    The exit head runs at every loop here (the engine runs it only where the policy needs it).
+    A prelude runs once before the first loop; at every loop end the exit goes through the coda
+    (writing its keys; a later exit of the same chunk rewrites them) and the head. The exit path
+    runs at every loop here (the engine runs it only where the policy needs it).
     """
-    block = len(model.layers)
+    first = model.recursion.prelude
+    block = sum(slot.part == "loop" for slot in model.schedule) // model.loops
     cache = model.new_cache(1, len(prompt) + new_tokens)
     chunk, outputs, loops_run = list(prompt), [], []
     for _ in range(new_tokens):
@@ -56,11 +59,13 @@ def early_exit_greedy(
         ctx = model.attention_context(torch.ones(1, start + seq, dtype=torch.long), positions, cache, torch.float32)
         h = model.embed_tokens(torch.tensor([chunk]))
         history = []
+        for d in range(first):
+            h = model.shared_layer(d)(h, 0, d, ctx)
         for loop in range(model.loops):
             entering = h
             for k in range(block):
-                h = model.shared_layer(k)(h, loop, loop * block + k, ctx)
-            logits = model.exit_logits(h[:, -1], loop)
+                h = model.shared_layer(first + k)(h, loop, first + loop * block + k, ctx)
+            logits = model.exit_logits(h, loop, ctx, slice(-1, None))[:, -1]
             history.append(logits)
             if policy.kind == "ensemble" and loop < model.loops - 1:
                 logits = ensemble_log_probs(model.addons.ensemble, history, loop + 1)
@@ -68,10 +73,10 @@ def early_exit_greedy(
                 break
         for deeper in range(loop + 1, model.loops):
             for k in range(block):
-                depth, layer = deeper * block + k, model.shared_layer(k)
+                depth, layer = first + deeper * block + k, model.shared_layer(first + k)
                 if kv_mode == "share":
-                    key = cache.keys[loop * block + k, :, :, start : start + seq]  # type: ignore[index]
-                    value = cache.values[loop * block + k, :, :, start : start + seq]  # type: ignore[index]
+                    key = cache.keys[first + loop * block + k, :, :, start : start + seq]  # type: ignore[index]
+                    value = cache.values[first + loop * block + k, :, :, start : start + seq]  # type: ignore[index]
                 else:
                     _, key, value = layer.project_qkv(layer.norm("attn_norm")(h, deeper), deeper, ctx.rope[model.arch.layer_types[depth]])
                 cache.keys[depth, :, :, start : start + seq] = key  # type: ignore[index]

@@ -150,6 +150,73 @@ def test_confidence_exits_match_naive_decoder(kv_mode: str, batching: str) -> No
     assert {1, 2, 3} <= set(all_loops), "the threshold should make tokens exit at every loop"
 
 
+# --- prelude / coda: the prelude runs with a token's first loop, the coda once when it leaves -------------
+
+PLANS = [("llama", 2, 1, 1), ("gemma2", 2, 2, 0), ("qwen2", 3, 0, 3)]  # (family, loops, prelude, coda); gemma2: windows per depth
+
+
+@cache
+def _plan_model(family: str, loops: int, prelude: int, coda: int) -> RecursiveModel:
+    model = recursify.convert(tiny_model(family, seed=5), loops=loops, prelude=prelude, coda=coda, init="average", rank=3, progress=False)
+    torch.manual_seed(1)
+    with torch.no_grad():  # LoRA off its init, so the loops really differ
+        for name, param in model.named_parameters():
+            if name.endswith("lora_B"):
+                param.add_(torch.randn_like(param) * 0.05)
+    return model
+
+
+@pytest.mark.parametrize("batching", ["static", "sequence", "depthwise"])
+@pytest.mark.parametrize("plan", PLANS)
+def test_prelude_coda_models_serve_like_generate(plan: tuple[str, int, int, int], batching: str) -> None:
+    model = _plan_model(*plan)
+    prompts = [_prompt(130 + i, n) for i, n in enumerate((5, 1, 11, 3))]
+    engine = _engine(model, batching=batching, max_batch=3, max_prefill_chunk=4, exit="none")
+    served = _serve(engine, prompts)
+    for i, prompt in enumerate(prompts):
+        expected = model.generate(torch.tensor([prompt]), max_new_tokens=NEW, eos_token_ids=[])[0, len(prompt) :].tolist()
+        assert served[f"req-{i}"] == expected
+
+
+@pytest.mark.parametrize("batching", ["depthwise", "sequence", "static"])
+@pytest.mark.parametrize("plan", PLANS[:2])
+def test_prelude_coda_fixed_exit_equals_truncated_model(plan: tuple[str, int, int, int], batching: str) -> None:
+    model = _plan_model(*plan)
+    prompts = [_prompt(140 + i, n) for i, n in enumerate((5, 2, 9))]
+    served = _serve(_engine(model, batching=batching, max_batch=2, exit="fixed:1", max_prefill_chunk=4), prompts)
+    for i, prompt in enumerate(prompts):
+        assert served[f"req-{i}"] == truncated_greedy(model, prompt, NEW, 1)
+
+
+@pytest.mark.parametrize(
+    ("plan", "batching", "kv_mode"),
+    [
+        (PLANS[0], "depthwise", "propagate"),
+        (PLANS[0], "sequence", "share"),
+        (PLANS[0], "static", "propagate"),
+        (PLANS[2], "depthwise", "share"),
+        (PLANS[2], "sequence", "propagate"),
+    ],
+)
+def test_prelude_coda_confidence_exits_match_naive_decoder(plan: tuple[str, int, int, int], batching: str, kv_mode: str) -> None:
+    model = _plan_model(*plan)
+    prompts = [_prompt(150 + i, n) for i, n in enumerate((6, 3, 9, 1))]
+    spec = _median_confidences(model, [_prompt(155 + i, 16) for i in range(4)])
+    outputs = {
+        out.request_id: out
+        for out in _engine(model, batching=batching, max_batch=3, exit=spec, kv_mode=kv_mode).generate(
+            prompts, max_new_tokens=NEW, stop_token_ids=[]
+        )
+    }
+    all_loops = []
+    for i, prompt in enumerate(prompts):
+        tokens, loops_run = early_exit_greedy(model, prompt, NEW, parse_exit_policy(spec, model.loops), kv_mode)
+        assert outputs[f"req-{i}"].token_ids == tokens
+        assert outputs[f"req-{i}"].loops_run == loops_run
+        all_loops += loops_run
+    assert set(range(1, model.loops + 1)) <= set(all_loops), "the threshold should make tokens exit at every loop"
+
+
 def test_oracle_records_first_loop_agreeing_with_the_last() -> None:
     model = _model("llama", 3)
     prompt = _prompt(80, 6)
@@ -310,10 +377,18 @@ def test_bad_options_raise_config_errors() -> None:
 
 
 @cache
-def _exit_model() -> RecursiveModel:
-    """The llama model with random exit gates and a random exit ensemble attached (a copy: other tests see none)."""
-    model = recursify.convert(tiny_model("llama", seed=3), loops=3, init="average", rank=4, progress=False)
+def _exit_model(prelude: int = 0, coda: int = 0) -> RecursiveModel:
+    """The llama model with random exit gates and a random exit ensemble attached (a copy: other tests see none).
+
+    With a prelude and a coda it also gets random exit heads, which run after the coda.
+    """
+    model = recursify.convert(tiny_model("llama", seed=3), loops=3, init="average", rank=4, prelude=prelude, coda=coda, progress=False)
     torch.manual_seed(4)
+    if prelude or coda:
+        model.add_exit_heads(4)
+        with torch.no_grad():
+            assert model.exit_heads is not None
+            model.exit_heads.up.normal_(0, 0.05)
     model.addons.gates = ExitGates(model.arch.hidden_size, 3, width=8).eval().requires_grad_(False)
     model.addons.ensemble = torch.tensor([[0.8, 0.0], [0.3, 0.9]])
     return model
@@ -326,9 +401,10 @@ def _median_spec(model: RecursiveModel, kind: str, prompts: list[list[int]]) -> 
     return f"{kind}:" + ",".join(f"{m:.6f}" for m in medians)
 
 
+@pytest.mark.parametrize("plan", [(0, 0), (1, 2)], ids=["cycle", "prelude1-coda2-exit-heads"])
 @pytest.mark.parametrize("kind", ["gate", "saturation", "ensemble"])
-def test_gate_saturation_and_ensemble_exits_match_naive_decoder(kind: str) -> None:
-    model = _exit_model()
+def test_gate_saturation_and_ensemble_exits_match_naive_decoder(kind: str, plan: tuple[int, int]) -> None:
+    model = _exit_model(*plan)
     prompts = [_prompt(130 + i, n) for i, n in enumerate((6, 3, 9, 1))]
     spec = _median_spec(model, kind, [_prompt(135 + i, 16) for i in range(4)])
     engine = _engine(model, batching="depthwise", max_batch=3, exit=spec)
@@ -342,9 +418,12 @@ def test_gate_saturation_and_ensemble_exits_match_naive_decoder(kind: str) -> No
     assert {1, 2, 3} <= set(all_loops), "the thresholds should make tokens exit at every loop"
 
 
+@pytest.mark.parametrize("plan", [(0, 0), (1, 2)], ids=["cycle", "prelude1-coda2-exit-heads"])
 @pytest.mark.parametrize(("kind", "head_every_loop"), [("gate", False), ("saturation", False), ("confidence", True)])
-def test_lm_head_runs_once_per_token_with_hidden_state_exits(kind: str, head_every_loop: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    model = _exit_model()
+def test_lm_head_runs_once_per_token_with_hidden_state_exits(
+    kind: str, head_every_loop: bool, plan: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = _exit_model(*plan)
     prompts = [_prompt(140 + i, n) for i, n in enumerate((5, 8, 2))]
     spec = _median_spec(model, kind, [_prompt(145 + i, 16) for i in range(3)])
     rows = []

@@ -9,9 +9,10 @@ import torch
 
 from recursify import convert, load
 from recursify.cli import main
+from recursify.conversion.layer_drop import drop_layers
 from recursify.errors import ConfigError
 from recursify.training import HealConfig, heal
-from recursify.training.healing import block_objective, capture_states, normalised_error, vocabulary_losses
+from recursify.training.healing import block_objective, capture_states, normalised_error, teacher_spans, vocabulary_losses
 from recursify.training.metrics import read_metrics
 
 FAST = dict(seq_len=16, micro_batch=4, eval_tokens=1024, precision="fp32", quiet=True)
@@ -115,3 +116,19 @@ def test_local_healing_fits_low_rank_embedding_and_head_to_their_targets(tiny_ru
     exact = convert(source, loops=1, embed_rank=48, head_rank=48, calib=data, calib_tokens=2000, progress=False)
     losses = vocabulary_losses(exact, teacher, rows, states, "fp32")
     assert losses["embedding"] < 1e-8 and abs(losses["head"]) < 1e-5  # full-rank factors hit both targets
+
+
+def test_dropped_layers_heal_against_their_span_of_the_original(tiny_run, tmp_path) -> None:
+    """A kept layer is taught the original's stream from its own input to the next kept layer's input."""
+    dropped = drop_layers(str(tiny_run["source"]), keep=3, by="first", progress=False)
+    assert teacher_spans(dropped, 6) == [(0, 1), (1, 2), (2, 6)]
+    dropped.recursion.kept_layers = [1, 2, 5]
+    assert teacher_spans(dropped, 6) == [(0, 2), (2, 5), (5, 6)]  # the first kept layer also stands for dropped layer 0
+    dropped.recursion.kept_layers = [0, 1, 2]
+    assert teacher_spans(convert(str(tiny_run["source"]), loops=3, rank=2, progress=False), 6) == [(d, d + 1) for d in range(6)]
+    dropped.save_pretrained(tmp_path / "dropped")
+    config = HealConfig(str(tmp_path / "dropped"), str(tmp_path / "healed"), str(tiny_run["data"]), minutes=0.03, lr=3e-3, **FAST)
+    report = heal(config)
+    assert len(report.per_depth_before) == 3
+    assert report.per_depth_before[:2] == pytest.approx([0.0, 0.0], abs=1e-8)  # kept layers 0 and 1 are exact over their one-layer spans
+    assert report.objective_after < report.objective_before and report.eval_local["kl"] < report.eval_before["kl"]

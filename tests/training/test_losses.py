@@ -9,7 +9,7 @@ import torch
 
 from recursify.errors import ConfigError
 from recursify.training.config import KD_KINDS, LossConfig
-from recursify.training.losses import exit_loss_weights, kd_divergence, next_token_ce, uptrain_loss
+from recursify.training.losses import exit_loss_weights, kd_divergence, next_token_ce, top_k_targets, uptrain_loss
 
 
 def _logits(seed: int, shape=(2, 5, 11)) -> torch.Tensor:
@@ -61,6 +61,33 @@ def test_kd_divergences_match_reference(kind: str, temperature: float) -> None:
 def test_kd_is_zero_when_student_equals_teacher(kind: str) -> None:
     logits = _logits(4)
     assert kd_divergence(logits, logits.clone(), kind).item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("kind", KD_KINDS)
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_sparse_kd_at_k_vocab_is_full_kd(kind: str, temperature: float) -> None:
+    student, teacher = _logits(5), _logits(6)
+    sparse = kd_divergence(student, top_k_targets(teacher, 11, temperature), kind, temperature).item()
+    assert sparse == pytest.approx(kd_divergence(student, teacher, kind, temperature).item(), rel=1e-6, abs=1e-7)
+
+
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_sparse_kd_is_the_kl_of_the_coarsened_distributions(k: int) -> None:
+    """Top-k tokens plus one "any other token" outcome, by hand in float64; never above the full KL (data processing)."""
+    student, teacher = _logits(7), _logits(8)
+    targets = top_k_targets(teacher, k)
+    p, q = torch.softmax(teacher.double(), -1), torch.softmax(student.double(), -1)
+    p_top, q_top = p.gather(-1, targets.indices), q.gather(-1, targets.indices)
+    p_bins = torch.cat([p_top, 1 - p_top.sum(-1, keepdim=True)], -1)
+    q_bins = torch.cat([q_top, 1 - q_top.sum(-1, keepdim=True)], -1)
+    expected = float((p_bins * (p_bins / q_bins).log()).sum(-1).mean())
+    sparse = kd_divergence(student, targets).item()
+    assert sparse == pytest.approx(expected, rel=1e-5)
+    assert sparse <= kd_divergence(student, teacher).item()
+    assert torch.allclose(targets.rest.double().exp(), 1 - p_top.sum(-1), atol=1e-6)
+    grad_student = student.clone().requires_grad_(True)
+    kd_divergence(grad_student, targets).backward()
+    assert grad_student.grad is not None and bool(torch.isfinite(grad_student.grad).all())
 
 
 def test_kd_rejects_bad_options() -> None:

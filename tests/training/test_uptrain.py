@@ -44,6 +44,26 @@ def test_kd_drives_student_teacher_kl_down(tiny_run, tmp_path) -> None:
     )
 
 
+def test_cached_teacher_at_k_vocab_trains_like_the_online_teacher(tiny_run, tmp_path, monkeypatch) -> None:
+    """Top-k targets computed once (k = vocab: full KD) give the online teacher's loss curve; the cache is read back."""
+    monkeypatch.setenv("RECURSIFY_CACHE", str(tmp_path / "cache"))
+    options = dict(tokens=6 * 64, lr=5e-3, save_every=0)
+    uptrain(_config(tiny_run, tmp_path / "online", **options))
+    summary = uptrain(_config(tiny_run, tmp_path / "cached", teacher_cache=97, **options))
+    assert summary["teacher_cache"]["built"] and summary["teacher_cache"]["k"] == 97
+    online = [r["loss"] for r in read_metrics(tmp_path / "online" / "metrics.jsonl") if r["event"] == "train"]
+    cached = [r["loss"] for r in read_metrics(tmp_path / "cached" / "metrics.jsonl") if r["event"] == "train"]
+    assert len(online) == 6 and cached == pytest.approx(online, rel=1e-4)
+    again = uptrain(_config(tiny_run, tmp_path / "again", teacher_cache=97, **options))
+    assert not again["teacher_cache"]["built"] and again["teacher_cache"]["path"] == summary["teacher_cache"]["path"]
+    sparse = uptrain(_config(tiny_run, tmp_path / "top8", teacher_cache=8, **options))
+    assert sparse["teacher_cache"]["built"] and sparse["teacher_cache"]["path"] != summary["teacher_cache"]["path"]
+    with pytest.raises(ConfigError, match="--teacher-cache"):
+        _config(tiny_run, tmp_path / "x", teacher_cache=8, loss=LossConfig(kd_weight=0.0))
+    with pytest.raises(ConfigError, match="no fixed rows"):  # a stream has no rows to score once
+        _config(tiny_run, tmp_path / "x", teacher_cache=8, stream=True)
+
+
 def test_freeze_really_freezes(tiny_run, tmp_path) -> None:
     uptrain(_config(tiny_run, tmp_path / "run", tokens=4 * 64, lr=1e-2, freeze=["*", "!*lora*"]))
     before, after = load(tiny_run["student"]).state_dict(), load(tmp_path / "run").state_dict()

@@ -21,8 +21,8 @@ from recursify.conversion.weight_map import OriginalWeights, arch_from_hf, split
 from recursify.errors import ConfigError
 from recursify.modeling.embedding import embedding_layout
 from recursify.modeling.layers import FOLDABLE_NORMS, linear_shapes, norm_names
-from recursify.modeling.model import RecursiveModel, SourceInfo, norm_is_tied, rope_buffer_name
-from recursify.modeling.schedule import build_schedule, check_loops, depths_of_layer
+from recursify.modeling.model import RecursiveModel, SourceInfo, lora_rank, norm_is_tied, rope_buffer_name
+from recursify.modeling.schedule import DepthSlot, build_schedule, check_loops, depths_of_layer
 
 RANDOM_INIT_STD = 0.02
 CALIB_SEQ_LEN = 256
@@ -48,6 +48,8 @@ def convert(
     head_rank: int | str | None = None,
     embed_init: str = "weighted",
     embed_params: int | str | None = None,
+    prelude: int = 0,
+    coda: int = 0,
 ) -> RecursiveModel:
     """Turn a pretrained decoder into a (relaxed) recursive model.
 
@@ -57,7 +59,7 @@ def convert(
         loops: B; the model keeps K = L / B unique layers (``loops=1`` is the original model).
         init: shared-layer init: stepwise, average, lower or random.
         rank: LoRA rank per depth (0 = pure recursive, "full" = exact reproduction).
-        strategy: cycle, sequence, cycle-rev or middle-cycle.
+        strategy: cycle, sequence, cycle-rev, or middle-cycle (= cycle with prelude 1 and coda 1).
         norms: per-depth (default, exact at full rank), tied (the paper) or fold.
         lora_init: svd (residual SVD), asvd (activation-aware SVD; needs ``calib``) or zero.
         seed: seeds random shared weights and standard-init LoRA factors.
@@ -80,9 +82,9 @@ def convert(
             or "svd" (plain truncated SVD); see ``conversion/embedding_init.py``.
         embed_params: a parameter budget (e.g. "12M") for input embedding + head that replaces
             ``embed_rank`` / ``head_rank``: candidate layouts are scored on calibration tokens.
+        prelude, coda: keep the first ``prelude`` and the last ``coda`` original layers unique (run
+            once before and after the looped block) and loop only the layers between them.
     """
-    from recursify.sources import LoadedSource, load_source
-
     data_aware = lora_init == "asvd" or shared_init == "lsq"
     if data_aware and not calib:
         raise ConfigError("--lora-init asvd and --shared-init lsq need calibration data: pass --calib (e.g. teacher:16k or a .txt file)")
@@ -109,27 +111,21 @@ def convert(
             head_rank=head_rank,
             embed_init=embed_init,
             embed_params=vocab_budget,
+            prelude=prelude,
+            coda=coda,
         )
 
     def recursion_for(hf_config: Any) -> tuple[ArchConfig, RecursionConfig]:
         arch = arch_from_hf(hf_config)
-        check_loops(arch.num_layers, loops, strategy)
         recursion = recursion_for_options(resolve_ranks(rank, linear_shapes(arch)))
+        check_loops(arch.num_layers, recursion.loops, recursion.strategy, recursion.prelude, recursion.coda)
         embedding_layout(arch, recursion)  # ranks above min(vocab, hidden) fail before the weights load
         if vocab_budget:
             budget_candidates(arch, vocab_budget)
         return arch, recursion
 
     check_embedding_options(recursion_for_options(), bool(calib))
-
-    if hasattr(source, "state_dict") and hasattr(source, "config"):
-        loaded = LoadedSource(
-            spec=type(source).__name__, kind="object", hf_config=source.config, state_dict=source.state_dict(), tokenizer=None
-        )
-    elif isinstance(source, LoadedSource):
-        loaded = source
-    else:  # options are checked against the config before any weights are read
-        loaded = load_source(source, check_config=recursion_for)
+    loaded = open_source(source, check_config=recursion_for)  # options are checked against the config before any weights are read
     arch, recursion = recursion_for(loaded.hf_config)
     original = split_state_dict(loaded.hf_config, loaded.state_dict)
     info = SourceInfo(spec=loaded.spec, hf_config=loaded.hf_config.to_dict(), total_params=original_param_count(original))
@@ -153,6 +149,22 @@ def convert(
     model.report = report
     model.tokenizer = loaded.tokenizer
     return model
+
+
+def open_source(source: str | os.PathLike[str] | Any, check_config: Any = None) -> Any:
+    """A ``LoadedSource`` from a ``--model`` spec, a ``LoadedSource`` already loaded, or a transformers model object.
+
+    ``check_config`` (spec sources) is called with the transformers config before the weights load.
+    """
+    from recursify.sources import LoadedSource, load_source
+
+    if isinstance(source, LoadedSource):
+        return source
+    if hasattr(source, "state_dict") and hasattr(source, "config"):
+        return LoadedSource(
+            spec=type(source).__name__, kind="object", hf_config=source.config, state_dict=source.state_dict(), tokenizer=None
+        )
+    return load_source(source, check_config=check_config)
 
 
 def build_model(arch: ArchConfig, recursion: RecursionConfig, info: SourceInfo, state: dict[str, torch.Tensor]) -> RecursiveModel:
@@ -199,11 +211,13 @@ def budget_ranks(
     The energy is the residual's to the ``init`` rule's shared weight, whitened by the calibration
     inputs when there are any (what asvd can retain), plain otherwise (what svd can retain).
     """
-    schedule = build_schedule(arch.num_layers, recursion.loops, recursion.strategy)
+    schedule = schedule_of(arch, recursion)
     layers = _layers_in_norm_form(original, arch, recursion)
     gains: dict[str, torch.Tensor] = {}
     costs: dict[str, int] = {}
-    for index, source_depths in enumerate(init_sources(schedule, recursion.init, recursion.strategy)):
+    for index, source_depths in enumerate(init_sources(schedule, recursion.init)):
+        if any(slot.layer == index and slot.part != "loop" for slot in schedule):
+            continue  # prelude / coda layers are the original layers: nothing to relax
         depths = depths_of_layer(schedule, index)
         for name, (fan_in, fan_out) in linear_shapes(arch).items():
             weights = [layers[d][f"{name}.weight"] for d in depths]
@@ -263,6 +277,11 @@ def budget_embedding(
     return best["embed_rank"], best["head_rank"]
 
 
+def schedule_of(arch: ArchConfig, recursion: RecursionConfig) -> list[DepthSlot]:
+    """The depth schedule a model with this architecture and recursion runs (what ``RecursiveModel`` builds)."""
+    return build_schedule(arch.num_layers, recursion.loops, recursion.strategy, recursion.prelude, recursion.coda)
+
+
 def original_param_count(original: OriginalWeights) -> int:
     """Parameters of the untied source model (embedding, head, layers, final norm)."""
     tensors = [original.embed, original.final_norm] + ([original.lm_head] if original.lm_head is not None else [])
@@ -302,8 +321,8 @@ def recursive_state_dict(
     With ``calibration``, ``report`` receives the relative reconstruction error on calibration
     inputs of every linear at every depth: tr(E C E^T) / tr(W C W^T), E = W_d - (W' + B_d A_d).
     """
-    schedule = build_schedule(arch.num_layers, recursion.loops, recursion.strategy)
-    sources = init_sources(schedule, recursion.init, recursion.strategy)
+    schedule = schedule_of(arch, recursion)
+    sources = init_sources(schedule, recursion.init)
     layers = _layers_in_norm_form(original, arch, recursion)
     generator = torch.Generator().manual_seed(recursion.seed)
     vocabulary_calibration = calibration if recursion.embed_init == "weighted" else None
@@ -315,13 +334,15 @@ def recursive_state_dict(
     errors: dict[str, list[float]] = {name: [0.0] * arch.num_layers for name in LINEARS}
     with tqdm(total=len(sources) * len(LINEARS), desc="tying layers", unit="linear", disable=not progress) as bar:
         for index, source_depths in enumerate(sources):
-            tying = _LayerTying(layers, source_depths, depths_of_layer(schedule, index), generator, recursion, calibration)
+            looped = all(slot.part == "loop" for slot in schedule if slot.layer == index)
+            tying = _LayerTying(layers, source_depths, depths_of_layer(schedule, index), generator, recursion, calibration, looped)
             for name, (fan_in, fan_out) in linear_shapes(arch).items():
-                state.update(tying.linear(name, fan_in, fan_out, recursion.rank_of(index, name), f"layers.{index}.{name}.", errors[name]))
+                rank = lora_rank(recursion, schedule, index, name)
+                state.update(tying.linear(name, fan_in, fan_out, rank, f"layers.{index}.{name}.", errors[name]))
                 bar.update()
             for norm in norm_names(arch):
                 state[f"layers.{index}.{norm}.weight"] = tying.norm(norm, norm_is_tied(recursion, norm), 1.0 - arch.norm_offset)
-            if recursion.prefix_tokens:  # zero keys and values: see modeling/prefix.py
+            if recursion.prefix_tokens and tying.looped:  # zero keys and values: see modeling/prefix.py
                 shape = (len(tying.depths), arch.num_kv_heads, recursion.prefix_tokens, arch.head_dim)
                 state[f"layers.{index}.prefix.prefix_keys"] = torch.zeros(shape)
                 state[f"layers.{index}.prefix.prefix_values"] = torch.zeros(shape)
@@ -342,9 +363,10 @@ class _LayerTying:
         generator: torch.Generator,
         recursion: RecursionConfig,
         calibration: Calibration | None,
+        looped: bool,
     ):
         self.layers, self.source_depths, self.depths, self.generator = layers, source_depths, depths, generator
-        self.recursion, self.calibration = recursion, calibration
+        self.recursion, self.calibration, self.looped = recursion, calibration, looped
 
     def shared(self, name: str, fill: float | None = None) -> torch.Tensor:
         """The tied value of ``name``: the init rule's mean, or random (``fill`` for norms/biases)."""
@@ -373,7 +395,7 @@ class _LayerTying:
         weights = [self.layers[d][f"{name}.weight"] for d in self.depths]
         shared = self.shared(f"{name}.weight")
         factors = self.factors(name, weights, shared, rank) if rank > 0 else []
-        if self.recursion.shared_init == "lsq":
+        if self.recursion.shared_init == "lsq" and self.looped:
             assert self.calibration is not None
             grams = [damped(self.calibration.gram(d, name)) for d in self.depths]
             for _ in range(self.recursion.lsq_rounds if rank > 0 else 1):
@@ -396,7 +418,7 @@ class _LayerTying:
         bias = self.shared(f"{name}.bias", fill=0.0) if biased else None
         if bias is not None:
             out[prefix + "bias"] = bias
-        if self.recursion.relaxed and self.recursion.loops > 1 and (biased or self.recursion.relax_kind == "bias"):
+        if self.looped and self.recursion.relaxed and self.recursion.loops > 1 and (biased or self.recursion.relax_kind == "bias"):
             out[prefix + "bias_delta"] = torch.stack(
                 [self.bias_residual(name, d, w, shared, bias) for d, w in zip(self.depths, weights, strict=True)]
             )

@@ -22,20 +22,27 @@ def evenly_spread(low: int, high: int, count: int) -> list[int]:
     return [low + math.ceil(j * (high - low) / (count - 1) - 0.5) for j in range(count)]
 
 
-def init_sources(schedule: list[DepthSlot], init: str, strategy: str) -> list[list[int]]:
-    """For each shared layer, the original depths whose tensors initialise it (empty for random)."""
-    num_layers = len(schedule)
+def init_sources(schedule: list[DepthSlot], init: str) -> list[list[int]]:
+    """For each shared layer, the original depths whose tensors initialise it (empty for random).
+
+    Prelude and coda layers are their own original layer whatever the rule (that is what keeping
+    them unique means); the looped block's shared layers follow the rule over the looped depths.
+    """
     unique = max(slot.layer for slot in schedule) + 1
-    if init == "average":
-        return [depths_of_layer(schedule, layer) for layer in range(unique)]
+    sources: list[list[int]] = [depths_of_layer(schedule, layer) for layer in range(unique)]  # average
+    looped = sorted({slot.layer for slot in schedule if slot.part == "loop"})
+    depths = [slot.depth for slot in schedule if slot.part == "loop"]
     if init == "random":
-        return [[] for _ in range(unique)]
-    if strategy != "middle-cycle":
-        picks = list(range(unique)) if init == "lower" else evenly_spread(0, num_layers - 1, unique)
-        return [[d] for d in picks]
-    # middle-cycle: the first and last layers stay themselves; the middle ones follow the rule
-    middle = list(range(1, unique - 1)) if init == "lower" else evenly_spread(1, num_layers - 2, unique - 2)
-    return [[0]] + [[d] for d in middle] + [[num_layers - 1]]
+        picks: list[list[int]] = [[] for _ in looped]
+    elif init == "lower":
+        picks = [[depths[0] + j] for j in range(len(looped))]
+    elif init == "stepwise":
+        picks = [[d] for d in evenly_spread(depths[0], depths[-1], len(looped))]
+    else:
+        return sources
+    for layer, pick in zip(looped, picks, strict=True):
+        sources[layer] = pick
+    return sources
 
 
 def tie(tensors: list[torch.Tensor]) -> torch.Tensor:

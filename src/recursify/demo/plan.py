@@ -49,7 +49,12 @@ class DemoOptions:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One conversion of the grid; ``name`` is its key in the report and its directory name."""
+    """One conversion of the grid; ``name`` is its key in the report and its directory name.
+
+    ``prelude`` / ``coda`` keep that many first / last original layers unique; ``keep_fraction`` > 0 makes
+    the layer-dropping baseline instead (that share of the original layers, by block influence on the
+    training data; ``loops`` must be 1).
+    """
 
     name: str
     loops: int
@@ -57,21 +62,31 @@ class ModelSpec:
     rank: int
     lora_init: str = "svd"
     calibrated: bool = False
+    prelude: int = 0
+    coda: int = 0
+    keep_fraction: float = 0.0
 
     @property
     def description(self) -> str:
+        if self.keep_fraction:
+            return f"baseline: layer dropping to {self.keep_fraction:.0%} of the layers (most influential kept)"
         relax = "recursive (no LoRA)" if self.rank == 0 else f"relaxed, {self.lora_init.upper()} LoRA rank {self.rank}"
-        return f"loops {self.loops}, {self.init} init, {relax}"
+        plan = f", prelude {self.prelude} + coda {self.coda} unique" if self.prelude or self.coda else ""
+        return f"loops {self.loops}{plan}, {self.init} init, {relax}"
 
 
-# The trade-off the demo shows: plain recursion at two depths, the paper's relaxation at two ranks, and
-# the best data-aware conversion (activation-aware SVD, calibrated on the training data) at the lower rank.
+# The trade-off the demo shows: plain recursion at two depths, the paper's relaxation at two ranks, the
+# data-aware conversion (activation-aware SVD, calibrated on the training data), the best sharing plan
+# measured by benchmarks/quality_frontier.py (a prelude and a coda kept unique around the loops), and the
+# model a user would otherwise make at about that size: the original with half its layers dropped.
 GRID: tuple[ModelSpec, ...] = (
     ModelSpec("recursive-l2-stepwise", loops=2, init="stepwise", rank=0),
     ModelSpec("recursive-l3-stepwise", loops=3, init="stepwise", rank=0),
     ModelSpec("relaxed-l3-svd-r64", loops=3, init="average", rank=64),
     ModelSpec("relaxed-l3-svd-r128", loops=3, init="average", rank=128),
     ModelSpec("relaxed-l3-asvd-r64", loops=3, init="average", rank=64, lora_init="asvd", calibrated=True),
+    ModelSpec("plan-l3-p2-c1-asvd-r64", loops=3, init="average", rank=64, lora_init="asvd", calibrated=True, prelude=2, coda=1),
+    ModelSpec("baseline-drop-half", loops=1, init="stepwise", rank=0, calibrated=True, keep_fraction=0.5),
 )
 EXIT_MODEL = "relaxed-l3-asvd-r64"  # gets early-exit post-training and is served in the serving stage
 EXITS_SUFFIX = "-exits"

@@ -134,7 +134,7 @@ class Demo:
             "options": self.options.to_dict(),
             "speeds_tokens_per_s": asdict(speeds) if speeds is not None else None,
             "budget": budget.to_dict(),
-            "source": {"spec": self.options.model, "params": info["params"]},
+            "source": {"spec": self.options.model, "params": info["params"], "layers": info["depths"]},
         }
         write_json(self.root / DEMO_FILE, self.plan)
         self.steps.record("model/plan", {"seconds": round(time.perf_counter() - began, 2)})
@@ -150,11 +150,25 @@ class Demo:
             run_step(self.steps, self.progress, f"convert/{spec.name}", self.convert_argv(spec), restart=_overwrite_if_exists(out))
 
     def convert_argv(self, spec: ModelSpec) -> list[str]:
-        argv = ["convert", "--model", self.options.model, "--loops", str(spec.loops), "--init", spec.init, "--rank", str(spec.rank)]
+        argv = ["convert", "--model", self.options.model]
+        if spec.keep_fraction:
+            argv += ["--keep-layers", str(max(1, round(spec.keep_fraction * self.source_layers()))), "--drop-by", "influence"]
+        else:
+            argv += ["--loops", str(spec.loops), "--init", spec.init, "--rank", str(spec.rank)]
+            argv += ["--prelude", str(spec.prelude), "--coda", str(spec.coda)] if spec.prelude or spec.coda else []
+            argv += ["--lora-init", spec.lora_init] if spec.calibrated else []
         if spec.calibrated:
-            calib_tokens = min(self.budget.calib_tokens, self.budget.train_tokens)
-            argv += ["--lora-init", spec.lora_init, "--calib", self.data_spec, "--calib-tokens", str(calib_tokens)]
+            argv += ["--calib", self.data_spec, "--calib-tokens", str(min(self.budget.calib_tokens, self.budget.train_tokens))]
         return argv + ["--seed", str(self.options.seed), "--out", str(self.converted(spec.name))]
+
+    def source_layers(self) -> int:
+        """The source model's layer count (recorded with the plan; read from the model for runs planned before)."""
+        source = self.plan["source"]
+        if "layers" not in source:
+            from recursify.loading import load
+
+            source["layers"] = load(self.options.model).num_depths
+        return int(source["layers"])
 
     def stage_uptrain(self) -> None:
         self.progress.stage("uptrain")
@@ -173,6 +187,7 @@ class Demo:
         budget = self.budget
         steps = max(1, tokens // budget.batch_tokens)
         argv = ["uptrain", str(student), "--teacher", self.options.model, "--data", self.data_spec, "--tokens", str(tokens)]
+        argv += ["--teacher-cache"]  # every run distils on the same rows: the teacher runs over them once
         argv += ["--seq-len", str(budget.seq_len), "--batch-tokens", str(budget.batch_tokens), "--micro-batch", str(budget.micro_batch)]
         every = str(max(1, steps // (UPTRAIN_EVALS - 1)))  # evaluations before, in between and after
         argv += ["--lr", str(budget.lr), "--eval-tokens", str(budget.uptrain_eval_tokens), "--eval-every", every]

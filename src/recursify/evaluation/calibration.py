@@ -78,11 +78,11 @@ def collect_exit_data(
     starts = range(0, tokens.numel(), window)
     for start in tqdm(starts, desc="exit signals", unit="window", disable=not progress):
         chunk = tokens[start : start + window][None].to(model.device)
-        out = model(chunk, output_hidden_states=True)
-        assert out.hidden_states is not None
-        ends = [out.hidden_states[d + 1][0] for d in model.exit_depths]  # per loop: (w, hidden)
-        entering = [out.hidden_states[0][0], *ends[:-1]]
-        logits = [model.exit_logits(h, b).float() for b, h in enumerate(ends)]
+        out = model(chunk, output_hidden_states=True, output_exits=True)  # exits through the model's own path (coda, exit heads)
+        assert out.hidden_states is not None and out.exit_logits is not None
+        ends = [out.hidden_states[d + 1][0] for d in model.exit_depths]  # per loop: (w, hidden), before any coda
+        entering = [out.hidden_states[len(model.prelude)][0], *ends[:-1]]  # loop 0 is entered after the prelude
+        logits = [z[0].float() for z in out.exit_logits]
         parts["exit_tokens"].append(torch.stack([z.argmax(-1) for z in logits], dim=1))  # (w, B)
         if features:
             parts["features"].append(torch.stack([gate_features(ends[b], entering[b]) for b in range(loops - 1)], dim=1))

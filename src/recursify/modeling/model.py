@@ -1,7 +1,11 @@
-"""RecursiveModel: embeddings -> K shared layers unrolled over L depths -> exits at every loop end.
+"""RecursiveModel: embeddings -> prelude -> K shared layers looped B times -> exits at every loop end.
 
 With loops=1 every depth has its own layer and this *is* the original model: the same class is
 teacher, baseline and student everywhere in recursify.
+
+Every way out of the stack goes through ``exit_logits``: the coda (the last original layers kept
+unique, run once on a state leaving the loops) and then ``head`` (final norm + LM head). The last
+loop's exit is the model's output; earlier loops' exits are the early exits.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from torch import nn
 from recursify import checkpoint
 from recursify.config import LINEARS, ArchConfig, RecursionConfig
 from recursify.errors import CheckpointError, ConfigError, RecursifyError
-from recursify.modeling.attention import RopeTables, build_masks
+from recursify.modeling.attention import AttentionCore, RopeTables, build_masks
 from recursify.modeling.embedding import FactorizedEmbedding, build_embedding, embedding_layout
 from recursify.modeling.exit_addons import ExitAddons, attach_exit_addons
 from recursify.modeling.exit_heads import ExitHeads
@@ -60,6 +64,13 @@ def norm_is_tied(recursion: RecursionConfig, name: str) -> bool:
     return recursion.norms == "tied" or (recursion.norms == "fold" and name in FOLDABLE_NORMS)
 
 
+def lora_rank(recursion: RecursionConfig, schedule: list[DepthSlot], layer: int, linear: str) -> int:
+    """LoRA rank of one linear of one shared layer: 0 for prelude and coda layers (they are the original layers, run once)."""
+    if any(slot.layer == layer and slot.part != "loop" for slot in schedule):
+        return 0
+    return recursion.rank_of(layer, linear)
+
+
 def norm_slot_counts(arch: ArchConfig, recursion: RecursionConfig, visits: int) -> dict[str, int]:
     """How many gain vectors each norm of a shared layer keeps."""
     return {name: 1 if norm_is_tied(recursion, name) else visits for name in norm_names(arch)}
@@ -74,16 +85,21 @@ class RecursiveModel(nn.Module):
         self.source = source or SourceInfo()
         self.tokenizer: Any = None
         self.report: dict[str, Any] = {}  # conversion diagnostics (e.g. reconstruction errors), saved in config.json
-        self.schedule: list[DepthSlot] = build_schedule(arch.num_layers, recursion.loops, recursion.strategy)
+        plan = (arch.num_layers, recursion.loops, recursion.strategy, recursion.prelude, recursion.coda)
+        self.schedule: list[DepthSlot] = build_schedule(*plan)
         self.exit_depths = loop_end_depths(self.schedule)
-        unique = num_unique_layers(arch.num_layers, recursion.loops, recursion.strategy)
-        bias_delta = recursion.relaxed and recursion.loops > 1
+        self.body = [slot for slot in self.schedule if slot.part != "coda"]  # embedding -> last loop's end
+        self.prelude = [slot for slot in self.schedule if slot.part == "prelude"]  # run once, with a token's first loop
+        self.coda = [slot for slot in self.schedule if slot.part == "coda"]  # run once on every exit, before the head
+        looped = {slot.layer for slot in self.schedule if slot.part == "loop"}
         layers = []
-        for layer in range(unique):
+        for layer in range(num_unique_layers(*plan)):
             visits = len(depths_of_layer(self.schedule, layer))
             slots = norm_slot_counts(arch, recursion, visits)
-            ranks = {name: recursion.rank_of(layer, name) for name in LINEARS}
-            layers.append(SharedLayer(arch, visits, ranks, slots, bias_delta, recursion.relax_kind, recursion.prefix_tokens))
+            ranks = {name: lora_rank(recursion, self.schedule, layer, name) for name in LINEARS}
+            relaxed = layer in looped and recursion.relaxed and recursion.loops > 1  # prelude/coda: the original layers
+            prefix = recursion.prefix_tokens if layer in looped else 0
+            layers.append(SharedLayer(arch, visits, ranks, slots, relaxed, recursion.relax_kind, prefix))
         self.embedding_layout = embedding_layout(arch, recursion)
         self.embed, self.lm_head = build_embedding(arch, self.embedding_layout)
         self.layers = nn.ModuleList(layers)
@@ -128,7 +144,7 @@ class RecursiveModel(nn.Module):
         return h
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
-        """Final norm + LM head (+ Gemma2 soft-cap): the last loop's exit (see ``exit_logits`` for any loop)."""
+        """Final norm + LM head (+ Gemma2 soft-cap) of last-loop states already through the coda (``exit_logits``: any loop)."""
         return self.lm_logits(self.final_norm(h))
 
     def lm_logits(self, z: torch.Tensor) -> torch.Tensor:
@@ -148,32 +164,54 @@ class RecursiveModel(nn.Module):
             logits = torch.tanh(logits / self.arch.final_softcap) * self.arch.final_softcap
         return logits
 
-    def exit_logits(self, h: torch.Tensor, loop: int | list[int]) -> torch.Tensor:
-        """Next-token logits of a token leaving the stack at the end of (0-based) ``loop``: the one "exit -> logits" map.
+    def run_depths(self, slots: list[DepthSlot], h: torch.Tensor, attention: AttentionCore | None) -> torch.Tensor:
+        """Run ``slots`` (e.g. ``self.prelude`` or ``self.coda``) in order on states [batch, rows, hidden]."""
+        for slot in slots:
+            assert attention is not None, "depths need an attention core"
+            h = self.shared_layer(slot.layer)(h, slot.visit, slot.depth, attention)
+        return h
 
-        h: [..., hidden] loop-end hidden states; ``loop`` is one loop for all of them, or one per
-        row of a 2-D h [rows, hidden] (a serving batch mixing loops). The last loop is ``head``;
-        an earlier loop goes through its exit head (modeling/exit_heads.py) when the model has them.
-        Every early exit, the last depth, the serving engine and self-speculative drafts call this.
-        Rows at different loops share one LM-head matmul (the head's weights are read once).
+    def exit_logits(
+        self, h: torch.Tensor, loop: int | list[int], attention: AttentionCore | None = None, keep: slice | torch.Tensor = slice(None)
+    ) -> torch.Tensor:
+        """Next-token logits of states leaving the stack at the end of (0-based) ``loop``: the one "exit -> logits" map.
+
+        The coda first (when the model has one: the last original layers kept unique; it attends over
+        the sequence, so h must be [batch, rows, hidden] with the ``attention`` core, it runs on every
+        row and writes its keys), then, on the ``keep`` rows (a slice or LongTensor of row indices of
+        a 3-D h), the loop's exit map (``exit_input``) and the LM head. ``loop`` is one loop for all
+        states or one per kept state (a serving batch mixing loops). The model's final output, every
+        early exit, the serving engine and self-speculative drafts call this. Rows at different loops
+        share one LM-head matmul (the head's weights are read once).
         """
+        if self.coda:
+            if h.dim() != 3 or attention is None:
+                raise ConfigError("a model with a coda exits through it: pass states [batch, rows, hidden] and their attention core")
+            h = self.run_depths(self.coda, h, attention)
+        if h.dim() == 3:
+            h = h[:, keep]
         return self.lm_logits(self.exit_input(h, loop))
 
     def exit_input(self, h: torch.Tensor, loop: int | list[int]) -> torch.Tensor:
-        """The LM head's input for loop-end states h: the final norm, or a non-final loop's exit head."""
+        """The LM head's input for exit states h [..., hidden]: the final norm, or a non-final loop's exit head.
+
+        With one loop per state (a list as long as h has states), each group of states at one loop
+        goes through its own exit head.
+        """
         if isinstance(loop, int):
             if self.exit_heads is None or loop >= self.loops - 1:
                 return self.final_norm(h)
             return self.exit_heads(h, loop)
-        if len(loop) != h.shape[0]:
-            raise ConfigError(f"exit_logits got {len(loop)} loops for {h.shape[0]} rows")
-        if self.exit_heads is None or len(set(loop)) == 1:
-            return self.exit_input(h, loop[0] if self.exit_heads is not None else self.loops - 1)
-        z = torch.empty_like(h)
+        if len(loop) != h.shape[:-1].numel():
+            raise ConfigError(f"exit_logits got {len(loop)} loops for {h.shape[:-1].numel()} states")
+        if self.exit_heads is None or len(set(loop)) <= 1:
+            return self.exit_input(h, loop[0] if self.exit_heads is not None and loop else self.loops - 1)
+        flat = h.reshape(-1, h.shape[-1])
+        z = torch.empty_like(flat)
         for value in sorted(set(loop)):  # one exit head per loop present (at most B)
             rows = torch.tensor([i for i, b in enumerate(loop) if b == value], device=h.device)
-            z[rows] = self.exit_input(h[rows], value).to(z.dtype)
-        return z
+            z[rows] = self.exit_input(flat[rows], value).to(z.dtype)
+        return z.reshape(h.shape)
 
     def add_exit_heads(self, rank: int) -> None:
         """Give every non-final loop an exit head of ``rank`` (initially equal to the shared head); recorded in the config."""
@@ -190,13 +228,14 @@ class RecursiveModel(nn.Module):
         return heads
 
     def run_loops(self, h: torch.Tensor, ctx: AttentionContext, first: int, stop: int) -> torch.Tensor:
-        """Run the depths of loops ``first .. stop - 1`` on h [batch, seq, hidden] (the state entering loop ``first``).
+        """Run loops ``first .. stop - 1`` on h [batch, seq, hidden] (the prelude too when ``first`` is 0), no coda.
 
-        ``forward`` is ``run_loops(embeddings, ctx, 0, loops)`` plus exits; self-speculative decoding
-        runs the first loops to draft and the rest to verify (modeling/speculative.py).
+        ``forward`` is the embeddings through ``run_loops(h, ctx, 0, loops)`` plus exits;
+        self-speculative decoding runs the first loops to draft and the rest to verify
+        (modeling/speculative.py).
         """
-        for slot in self.schedule:
-            if first <= slot.loop < stop:
+        for slot in self.body:
+            if first <= slot.loop < stop and (slot.part == "loop" or first == 0):
                 h = self.shared_layer(slot.layer)(h, slot.visit, slot.depth, ctx)
         return h
 
@@ -234,15 +273,23 @@ class RecursiveModel(nn.Module):
         keep = slice(-logits_to_keep, None) if logits_to_keep > 0 else slice(None)
         hidden = [h] if output_hidden_states else None
         exits: list[torch.Tensor] | None = [] if output_exits else None
-        for slot in self.schedule:
+        for slot in self.body:
             h = self.shared_layer(slot.layer)(h, slot.visit, slot.depth, ctx)
             if hidden is not None:
                 hidden.append(h)
-            if exits is not None and slot.depth in self.exit_depths:
-                exits.append(self.exit_logits(h[:, keep], slot.loop))
+            if exits is not None and slot.depth in self.exit_depths[:-1]:
+                exits.append(
+                    self.exit_logits(h, slot.loop, ctx, keep)
+                )  # an early exit writes the coda's keys; the final exit rewrites them
+        for slot in self.coda:  # the final exit's coda, recorded depth by depth
+            h = self.shared_layer(slot.layer)(h, slot.visit, slot.depth, ctx)
+            if hidden is not None:
+                hidden.append(h)
         if cache is not None:
             cache.advance(seq)
-        logits = exits[-1] if exits else self.head(h[:, keep])
+        logits = self.head(h[:, keep])
+        if exits is not None:
+            exits.append(logits)
         return ModelOutput(logits=logits, exit_logits=exits, hidden_states=hidden)
 
     def attention_context(

@@ -147,21 +147,21 @@ def speculative_rounds(
             h = model.embed_tokens(current[:, None])
             ctx = model.attention_context(mask, (count + i)[:, None], cache, h.dtype)
             h = model.run_loops(h, ctx, 0, b)
-            cache.advance(1)
             states.append(h)
-            if i < draft:
-                draft_logits = model.exit_logits(h[:, -1], b - 1)
+            if i < draft:  # the exit runs before advancing: a coda writes its keys here (the verify pass rewrites them)
+                draft_logits = model.exit_logits(h, b - 1, ctx)[:, -1]
                 probs = sampling_probs(draft_logits, sampling)  # q: what the draft token is drawn from
                 current = draft_logits.argmax(-1) if sampling.temperature == 0.0 else torch.multinomial(probs, 1, generator=generator)[:, 0]
                 drafts.append(current)
                 draft_probs.append(probs)
+            cache.advance(1)
         cache.rewind(start)  # verify: the deeper loops of all D + 1 tokens in one pass, from their loop-b states
         positions = count[:, None] + torch.arange(draft + 1, device=count.device)
         h = torch.cat(states, dim=1)
         ctx = model.attention_context(mask, positions, cache, h.dtype)
         h = model.run_loops(h, ctx, b, loops)
+        target = model.exit_logits(h, loops - 1, ctx)  # (batch, D + 1, vocab): the full model after t_0 .. t_D
         cache.advance(draft + 1)
-        target = model.exit_logits(h, loops - 1)  # (batch, D + 1, vocab): the full model after t_0 .. t_D
         proposed = torch.stack(drafts, dim=1)  # (batch, D)
         accepted, token = _accept(proposed, torch.stack(draft_probs, dim=1), target, sampling, generator)
         kept = accepted + 1  # t_0 and the accepted drafts have valid keys/values at every depth

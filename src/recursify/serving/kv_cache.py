@@ -237,8 +237,9 @@ class PagedAttention:
         self.queries = queries
 
     def attend(self, layer: SharedLayer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visit: Visit, depth: Depth) -> torch.Tensor:
-        """q: [1, heads, rows, d]; k, v: [1, kv_heads, rows, d]; depth [1, rows] -> [1, heads, queries, d]."""
-        assert isinstance(depth, torch.Tensor), "the engine's rows carry one depth each"
+        """q: [1, heads, rows, d]; k, v: [1, kv_heads, rows, d]; depth [1, rows] (or one int for all) -> [1, heads, queries, d]."""
+        if isinstance(depth, int):  # a prelude or coda depth: every row at the same depth
+            depth = torch.full((1, k.shape[2]), depth, dtype=torch.long)
         self.pool.write(self.blocks, self.offsets, depth[0], k[0].transpose(0, 1), v[0].transpose(0, 1))
         heads, head_dim = q.shape[1], q.shape[3]
         out = torch.empty(self.queries, heads, head_dim, dtype=q.dtype, device=q.device)  # (queries, heads, d)

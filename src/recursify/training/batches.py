@@ -41,9 +41,13 @@ class MemoryBatches:
 
     def local(self, step: int) -> torch.Tensor | None:
         """This process's rows of global batch ``step`` (never runs short: the draw wraps into new epochs)."""
+        return self.rows[self.local_index(step)]
+
+    def local_index(self, step: int) -> torch.Tensor:
+        """Indices into ``rows`` of this process's share of global batch ``step`` (row-aligned caches use them too)."""
         global_rows = batch_rows(step, self.rows_per_step, self.rows.shape[0], self.seed)
         share = self.rows_per_step // self.world_size
-        return self.rows[global_rows[self.rank * share : (self.rank + 1) * share]]
+        return global_rows[self.rank * share : (self.rank + 1) * share]
 
     def describe(self, steps: int) -> dict[str, Any]:
         rows = int(self.rows.shape[0])

@@ -125,6 +125,9 @@ class UptrainConfig:
         resume: continue the run in ``out`` from its last checkpoint.
         overwrite: replace ``out`` when starting a fresh run.
         quiet: no progress bar.
+        teacher_cache: k > 0: KD against the teacher's top-k log-probabilities on the training rows,
+            computed once and cached per data set (``training/teacher_cache.py``), instead of a teacher
+            forward in every step; 0 = the online teacher.
     """
 
     student: str
@@ -159,6 +162,7 @@ class UptrainConfig:
     resume: bool = False
     overwrite: bool = False
     quiet: bool = False
+    teacher_cache: int = 0
 
     def __post_init__(self) -> None:
         positive = {"tokens": self.tokens, "seq_len": self.seq_len, "batch_tokens": self.batch_tokens, "micro_batch": self.micro_batch}
@@ -192,6 +196,12 @@ class UptrainConfig:
             raise ConfigError("KD needs a teacher: pass --teacher, or --kd-weight 0 to train on cross-entropy only")
         if self.data is None and self.teacher is None:
             raise ConfigError("without a teacher there is no default data: pass --data (a file, directory or dataset)")
+        check_teacher_cache(self.teacher_cache, self.teacher is not None and self.loss.kd_weight > 0)
+        if self.teacher_cache and self.streamed:
+            raise ConfigError(
+                "--teacher-cache scores the training rows once, in memory; a streamed data source has no fixed rows: "
+                "drop --stream (or use a file or teacher:N data), or drop --teacher-cache"
+            )
 
     @property
     def trains_final_exit(self) -> bool:
@@ -232,6 +242,14 @@ def _jsonish(value: Any) -> Any:
     return value
 
 
+def check_teacher_cache(k: int, distils: bool) -> None:
+    """Refuse a negative top-k, and a teacher cache for a run that does no KD."""
+    if k < 0:
+        raise ConfigError(f"--teacher-cache takes a top-k >= 1 (or 0 for the online teacher), got {k}")
+    if k and not distils:
+        raise ConfigError("--teacher-cache caches the KD teacher: it needs a teacher and --kd-weight > 0")
+
+
 @dataclass
 class HealConfig:
     """A healing run.
@@ -258,6 +276,7 @@ class HealConfig:
         seed: data order.
         overwrite: replace ``out`` if it exists.
         quiet: no progress bars.
+        teacher_cache: the KD phase's ``UptrainConfig.teacher_cache`` (0 = online teacher).
     """
 
     student: str
@@ -280,8 +299,10 @@ class HealConfig:
     seed: int = 0
     overwrite: bool = False
     quiet: bool = False
+    teacher_cache: int = 0
 
     def __post_init__(self) -> None:
+        check_teacher_cache(self.teacher_cache, distils=True)
         for name in ("minutes", "kd_minutes", "eval_every_minutes", "eval_tokens", "kd_eval_every"):
             value = getattr(self, name)
             if not value >= 0:  # also refuses NaN

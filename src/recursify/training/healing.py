@@ -115,16 +115,31 @@ def capture_states(teacher: RecursiveModel, rows: torch.Tensor, micro_batch: int
     return torch.cat(chunks, dim=1)
 
 
+def teacher_spans(student: RecursiveModel, teacher_depths: int) -> list[tuple[int, int]]:
+    """For every depth of the student, the (input, target) indices into the teacher's residual stream [L + 1].
+
+    A converted model's depth l stands for the original's layer l: (l, l + 1). After layer dropping
+    (``RecursionConfig.kept_layers``) a kept layer also stands for the dropped ones after it, up to
+    the next kept layer (the first kept layer also for any dropped before it): it is taught to map
+    the stream entering its span to the stream leaving it.
+    """
+    kept = student.recursion.kept_layers or list(range(student.num_depths))
+    starts = [0, *kept[1:], teacher_depths]
+    return list(zip(starts[:-1], starts[1:], strict=True))
+
+
 def depth_losses(student: RecursiveModel, states: torch.Tensor, precision: str, backward: bool = False) -> list[float]:
-    """The normalised error of every depth on teacher-forced ``states`` [L + 1, batch, seq, hidden].
+    """The normalised error of every depth on teacher-forced ``states`` [L + 1, batch, seq, hidden] (``teacher_spans``).
 
     With ``backward`` each depth's loss (divided by L, so gradients are those of the mean over
     depths) is backpropagated right away, freeing that depth's graph before the next is built.
     """
     ctx = attention_context(student, states.shape[1], states.shape[2], states.dtype)
+    spans = teacher_spans(student, states.shape[0] - 1)
     losses = []
     for slot in student.schedule:
-        inputs, target = states[slot.depth], states[slot.depth + 1]
+        begin, end = spans[slot.depth]
+        inputs, target = states[begin], states[end]
         with precision_context(precision, student.device):
             output = student.shared_layer(slot.layer)(inputs, slot.visit, slot.depth, ctx)
         loss = normalised_error(output, target, inputs)
@@ -271,7 +286,9 @@ def heal(config: HealConfig) -> HealReport:
 def _check_teacher(student: RecursiveModel, teacher: RecursiveModel) -> None:
     """Refuse a teacher that is not the student's original: the local phase pairs depth l of one with depth l of the other."""
     check_tokenizers(student, teacher)
-    if (teacher.loops, teacher.num_depths) != (1, student.num_depths) or teacher.arch.hidden_size != student.arch.hidden_size:
+    kept = student.recursion.kept_layers
+    depths_match = teacher.num_depths > kept[-1] if kept else teacher.num_depths == student.num_depths
+    if teacher.loops != 1 or not depths_match or teacher.arch.hidden_size != student.arch.hidden_size:
         raise ConfigError(
             f"the teacher must be the original of the student: {student.num_depths} depths x {student.arch.hidden_size} hidden "
             f"at loops=1, got loops={teacher.loops}, {teacher.num_depths} depths x {teacher.arch.hidden_size}"
@@ -351,6 +368,7 @@ def _kd_phase(config: HealConfig, student_dir: str, teacher_spec: str) -> dict[s
         eval_every=config.kd_eval_every,
         overwrite=config.overwrite,
         quiet=config.quiet,
+        teacher_cache=config.teacher_cache,
     )
     return uptrain(kd)
 

@@ -7,6 +7,7 @@ equal shape can be averaged); computations run in float32 whatever the autocast 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -20,8 +21,36 @@ def next_token_ce(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten())
 
 
+@dataclass
+class SparseTargets:
+    """A teacher's distribution kept as its top-k log-probabilities and the log of the mass left over.
+
+    Shapes: indices [..., k] (token ids), log_probs [..., k], rest [...] (the log of the probability
+    of every other token; -inf at k = vocab). Computed at a KD
+    temperature T (``top_k_targets``), so the student is compared at the same T.
+    """
+
+    indices: torch.Tensor
+    log_probs: torch.Tensor
+    rest: torch.Tensor
+
+    def __getitem__(self, rows: torch.Tensor | slice) -> SparseTargets:
+        """The targets of some rows (the leading dimension)."""
+        return SparseTargets(self.indices[rows], self.log_probs[rows], self.rest[rows])
+
+    def to(self, device: torch.device | str) -> SparseTargets:
+        return SparseTargets(self.indices.to(device), self.log_probs.to(device), self.rest.to(device))
+
+
+def top_k_targets(teacher_logits: torch.Tensor, k: int, temperature: float = 1.0) -> SparseTargets:
+    """The top-k log-probabilities of ``teacher_logits`` [..., vocab] at ``temperature`` and the remaining mass."""
+    log_probs = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    top, indices = log_probs.topk(min(k, log_probs.shape[-1]), dim=-1)
+    return SparseTargets(indices, top, _outside(log_probs, indices))
+
+
 def kd_divergence(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str = "forward-kl", temperature: float = 1.0
+    student_logits: torch.Tensor, teacher: torch.Tensor | SparseTargets, kind: str = "forward-kl", temperature: float = 1.0
 ) -> torch.Tensor:
     """Mean over positions of a divergence between teacher and student distributions at ``temperature``.
 
@@ -29,23 +58,55 @@ def kd_divergence(
     KL(student || teacher) (mode-seeking), jsd is the Jensen-Shannon divergence with equal weights,
     tvd the total variation distance. The result is multiplied by temperature**2 so gradient
     magnitudes do not shrink as the temperature grows (Hinton et al. 2015).
+
+    ``teacher`` is the teacher's logits [..., vocab], or its cached top-k (``SparseTargets``): then
+    both distributions are compared over k + 1 outcomes, the teacher's top-k tokens and "any other
+    token" (its leftover mass against the student's mass outside those k). That is the divergence of
+    the distributions coarsened to those outcomes, never more than the full one, and exactly the
+    full one at k = vocab.
     """
     if temperature <= 0:
         raise ConfigError(f"KD temperature must be positive, got {temperature}")
     student = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    if kind == "forward-kl":
-        per_position = (teacher.exp() * (teacher - student)).sum(-1)
-    elif kind == "reverse-kl":
-        per_position = (student.exp() * (student - teacher)).sum(-1)
-    elif kind == "jsd":
-        mixture = torch.logsumexp(torch.stack([student, teacher]), dim=0) - math.log(2.0)
-        per_position = 0.5 * (teacher.exp() * (teacher - mixture)).sum(-1) + 0.5 * (student.exp() * (student - mixture)).sum(-1)
-    elif kind == "tvd":
-        per_position = 0.5 * (teacher.exp() - student.exp()).abs().sum(-1)
+    if isinstance(teacher, SparseTargets):
+        indices = teacher.indices.long()
+        top, target = student.gather(-1, indices), teacher.log_probs.float()  # (..., k)
+        if indices.shape[-1] < student.shape[-1]:  # the "any other token" outcome (none at k = vocab)
+            student = torch.cat([top, _outside(student, indices)[..., None]], -1)
+            target = torch.cat([target, teacher.rest[..., None].float()], -1)
+        else:
+            student = top
     else:
-        raise ConfigError(f"unknown KD loss {kind!r}; choose one of: {', '.join(KD_KINDS)}")
-    return per_position.mean() * temperature**2
+        target = F.log_softmax(teacher.float() / temperature, dim=-1)
+    return divergence(target, student, kind).mean() * temperature**2
+
+
+def divergence(teacher: torch.Tensor, student: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-position divergence between two distributions given as log-probabilities over the last dimension.
+
+    Outcomes with zero probability (log-probability -inf) contribute nothing to the sums they weight.
+    """
+    if kind == "forward-kl":
+        return _weighted(teacher, teacher - student)
+    if kind == "reverse-kl":
+        return _weighted(student, student - teacher)
+    if kind == "jsd":
+        mixture = torch.logsumexp(torch.stack([student, teacher]), dim=0) - math.log(2.0)
+        return 0.5 * _weighted(teacher, teacher - mixture) + 0.5 * _weighted(student, student - mixture)
+    if kind == "tvd":
+        return 0.5 * (teacher.exp() - student.exp()).abs().sum(-1)
+    raise ConfigError(f"unknown KD loss {kind!r}; choose one of: {', '.join(KD_KINDS)}")
+
+
+def _weighted(log_weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """sum(exp(log_weights) * values) over the last dimension, with 0 * anything = 0 where a weight is zero."""
+    weights = log_weights.exp()
+    return torch.where(weights > 0, weights * values, torch.zeros_like(values)).sum(-1)
+
+
+def _outside(log_probs: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """log of the probability outside ``indices`` [..., k]: a logsumexp over the other entries (no cancellation)."""
+    return torch.logsumexp(log_probs.scatter(-1, indices, -math.inf), dim=-1)
 
 
 def exit_loss_weights(spec: str, num_exits: int) -> list[float]:
@@ -67,7 +128,7 @@ def exit_loss_weights(spec: str, num_exits: int) -> list[float]:
 def uptrain_loss(
     exit_logits: list[torch.Tensor],
     input_ids: torch.Tensor,
-    teacher_logits: torch.Tensor | None,
+    teacher_logits: torch.Tensor | SparseTargets | None,
     config: LossConfig,
     first_exit: int = 1,
     train_final: bool = True,
@@ -77,7 +138,8 @@ def uptrain_loss(
     For exit b with weight alpha_b: alpha_b * [(1 - w) CE_b + w KD(teacher || exit_b)
     (+ KD(final.detach() || exit_b) for b < B with self-distillation)]; with
     ``config.early_exit_target`` "final", an exit b < B learns alpha_b * KD(final.detach() || exit_b)
-    only. Pass only the last exit's logits when ``config.exit_loss`` is none, with ``first_exit`` = B
+    only. The teacher is its logits or its cached top-k (``SparseTargets``, see ``kd_divergence``).
+    Pass only the last exit's logits when ``config.exit_loss`` is none, with ``first_exit`` = B
     so the metrics name it exit B. ``train_final`` False leaves the last exit out of the loss (its
     parameters are frozen); its CE is still logged.
 

@@ -68,10 +68,11 @@ from recursify.training.common import (
 )
 from recursify.training.config import UptrainConfig
 from recursify.training.exit_ensemble import load_exit_ensemble
-from recursify.training.losses import uptrain_loss
+from recursify.training.losses import SparseTargets, uptrain_loss
 from recursify.training.metrics import MetricsLog
 from recursify.training.params import apply_freeze, compile_layers, enable_gradient_checkpointing, param_groups
 from recursify.training.schedule import lr_factor
+from recursify.training.teacher_cache import teacher_targets
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -124,6 +125,8 @@ class UptrainRun:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     budget: CpuBudget  # not started until the first step
+    targets: SparseTargets | None  # [rows, seq_len, k] cached teacher top-k (--teacher-cache); None = online teacher
+    cache_info: dict[str, Any] | None  # what the cache cost (teacher_cache.teacher_targets)
     log: MetricsLog | None
     resumed: bool
     step: int
@@ -147,7 +150,11 @@ class UptrainRun:
             self.data_exhausted = True
             return None
         assert local is not None  # in-memory batches never run short
-        metrics = self._forward_backward(local.to(self.accelerator.device))
+        targets = None
+        if self.targets is not None:  # the cached teacher's rows of this batch (--teacher-cache: in-memory batches only)
+            assert isinstance(self.batches, MemoryBatches)
+            targets = self.targets[self.batches.local_index(self.step)]
+        metrics = self._forward_backward(local.to(self.accelerator.device), targets)
         clip = self.config.clip if self.config.clip > 0 else math.inf
         metrics["grad_norm"] = float(self.accelerator.clip_grad_norm_(self.model.parameters(), clip))
         if not all(math.isfinite(v) for v in metrics.values()):
@@ -180,25 +187,31 @@ class UptrainRun:
         total = self.accelerator.reduce(torch.tensor([float(flag)], device=self.accelerator.device), reduction="sum")
         return bool(total.item() > 0)
 
-    def _forward_backward(self, batch: torch.Tensor) -> dict[str, float]:
-        """Forward/backward over the micro-batches of this process's rows; metrics averaged over processes."""
+    def _forward_backward(self, batch: torch.Tensor, targets: SparseTargets | None) -> dict[str, float]:
+        """Forward/backward over the micro-batches of this process's rows; metrics averaged over processes.
+
+        ``targets``: the cached teacher's top-k for the same rows (--teacher-cache), else the teacher runs.
+        """
+        device = self.accelerator.device
         chunks = batch.split(self.config.micro_batch)
         totals: dict[str, float] = {}
         for index, chunk in enumerate(chunks):
             sync = index == len(chunks) - 1  # DDP all-reduces (FSDP reduce-scatters) gradients once, after the last micro-batch
             with contextlib.nullcontext() if sync else self.accelerator.no_sync(self.model):
-                with precision_context(self.precision, batch.device):
+                with precision_context(self.precision, device):
                     exit_logits = self.model(chunk)
-                    target_logits = teacher_logits(self.teacher if self.config.needs_teacher_to_train else None, chunk)
-                loss, metrics = uptrain_loss(
-                    exit_logits, chunk, target_logits, self.config.loss, self.first_exit, self.config.trains_final_exit
-                )
+                    if targets is not None:
+                        start = index * self.config.micro_batch
+                        target: torch.Tensor | SparseTargets | None = targets[start : start + chunk.shape[0]].to(device)
+                    else:
+                        target = teacher_logits(self.teacher if self.config.needs_teacher_to_train else None, chunk)
+                loss, metrics = uptrain_loss(exit_logits, chunk, target, self.config.loss, self.first_exit, self.config.trains_final_exit)
                 share = chunk.shape[0] / batch.shape[0]
                 self.accelerator.backward(loss * share)
             for key, value in metrics.items():
                 totals[key] = totals.get(key, 0.0) + value * share
         keys = sorted(totals)
-        reduced = self.accelerator.reduce(torch.tensor([totals[k] for k in keys], device=batch.device), reduction="mean")
+        reduced = self.accelerator.reduce(torch.tensor([totals[k] for k in keys], device=device), reduction="mean")
         return dict(zip(keys, reduced.tolist(), strict=True))
 
     def budget_spent(self) -> bool:
@@ -247,6 +260,8 @@ class UptrainRun:
         summary["data_exhausted"] = self.data_exhausted
         summary["cpu_minutes"] = self.budget.used() / 60
         summary["process"] = {"index": self.accelerator.process_index, "count": self.accelerator.num_processes}
+        if self.cache_info is not None:
+            summary["teacher_cache"] = self.cache_info
         return summary
 
 
@@ -328,6 +343,21 @@ def setup(config: UptrainConfig) -> UptrainRun:
             tokens = load_tokens(config.data_spec, tokenizer, "train", plan.total_steps * plan.tokens_per_step, config.seed, teacher)
             batches = MemoryBatches(tokens, config.seq_len, plan.rows_per_step, rank, world, config.seed, config.data_spec)
         heldout = heldout_rows(config.data_spec, tokenizer, config.eval_tokens, config.seq_len, config.seed, teacher)
+    targets, cache_info = None, None
+    if (
+        config.teacher_cache and teacher is not None and config.needs_teacher_to_train
+    ):  # before the CPU budget starts: paid once per data set, reported apart
+        assert isinstance(batches, MemoryBatches)  # the config refuses a cache on streamed data
+        with accelerator.main_process_first():
+            targets, cache_info = teacher_targets(
+                teacher,
+                batches.rows,
+                config.teacher_cache,
+                config.loss.temperature,
+                config.micro_batch,
+                precision,
+                progress=not config.quiet,
+            )
 
     ensemble = load_exit_ensemble(config.student, student.loops) if config.exit_ensemble else None
     _add_exit_heads(student, config.exit_heads)  # before a resumed state dict (which holds them) is loaded
@@ -369,8 +399,8 @@ def setup(config: UptrainConfig) -> UptrainRun:
     return UptrainRun(
         config=config, out=out, accelerator=accelerator, plan=plan, precision=precision, model=model, teacher=teacher,
         first_exit=first_exit, batches=batches, heldout=heldout, optimizer=optimizer, scheduler=scheduler, budget=budget,
-        log=log, resumed=resumed is not None, step=start_step, tokens_seen=tokens_seen, last_saved=start_step,
-        flops_per_token=float(flops), peak_flops=_peak_flops(config, device, precision),
+        targets=targets, cache_info=cache_info, log=log, resumed=resumed is not None, step=start_step, tokens_seen=tokens_seen,
+        last_saved=start_step, flops_per_token=float(flops), peak_flops=_peak_flops(config, device, precision),
     )  # fmt: skip
 
 

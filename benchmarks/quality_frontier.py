@@ -1,0 +1,429 @@
+"""The quality frontier: recursive plans against the models a user would make instead, at equal size and CPU-minutes.
+
+Run: OMP_NUM_THREADS=1 python benchmarks/quality_frontier.py [--sizes 0.55 0.35] [--budgets 20 60] [--arms ...] [--resume]
+     OMP_NUM_THREADS=1 python benchmarks/quality_frontier.py --cache-bench 4 --resume      # teacher cache: k=64 vs online
+Writes benchmarks/results/quality_frontier.json (one row per arm x size x budget, summary fields) and
+benchmarks/results/quality_frontier.png (parameters vs perplexity ratio, one line per budget, baselines dashed).
+
+Arms, each converted to at most ``size`` x the original's non-embedding parameters (per-depth ones counted):
+
+- ``plan``: the plan ``--plan auto`` chooses (loops, prelude/coda and LoRA ranks by calibration KL; average +
+  asvd), converted with it, then local healing for ``--local-share`` of the training budget and KD for the
+  rest. The search itself is a one-off cost per (model, size, data), like a hyperparameter search, reported
+  apart as ``plan_search_cpu_minutes`` and not counted in the row's budget; converting with the plan is;
+- ``cycle``: today's recipe (cycle, loops 2 at sizes >= 0.5 else 3, average + asvd, a ``--lora-params``
+  budget filling the size), same training;
+- ``drop-influence`` / ``drop-first``: layer dropping to the same size (ShortGPT block influence / the first
+  layers, ``convert --keep-layers``), same training;
+- ``paper``: the paper's recipe (cycle, average, plain SVD, tied norms, the largest uniform rank that fits),
+  end-to-end KD only.
+
+The CPU-minute budget of a row covers everything: conversion (calibration and the plan search included,
+measured as this process's CPU time) and training (``recursify.training.heal``: local phase, then KD). KD
+runs against the teacher's cached top-64 log-probabilities (``--teacher-cache``), computed once per data
+set; that one-off cost is reported apart (``teacher_cache_cpu_minutes``). Data: ``--data`` (default
+``teacher:64000``, text sampled from the original: broad by construction) trains and calibrates; its
+held-out split is the primary evaluation ("held-out perplexity"); human-written text the runs never see
+(Debian manuals, fetched with apt-get; the license texts of /usr/share/common-licenses) is evaluated too.
+Every arm's result is written as soon as it is measured, so ``--resume`` continues an interrupted run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from conversion_quality import license_prose
+from recursify import load
+from recursify.conversion.convert import convert
+from recursify.conversion.layer_drop import drop_layers
+from recursify.conversion.plan_search import PlanSpace, base_params, search_plan
+from recursify.data import load_tokens
+from recursify.evaluation.perplexity import evaluate_perplexity
+from recursify.files import pyplot, save_figure, write_json
+from recursify.modeling.model import RecursiveModel
+from recursify.sources import cache_root, load_source
+from recursify.training import HealConfig, heal
+from recursify.training.common import ExitModel, exit_metrics, heldout_rows
+from recursify.training.metrics import read_metrics
+
+RESULTS = Path(__file__).parent / "results" / "quality_frontier.json"
+ARMS = ("plan", "cycle", "drop-influence", "drop-first", "paper")
+BASELINES = ("drop-influence", "drop-first", "paper")
+HALF = 0.55  # "half size": at most this fraction of the original's non-embedding parameters
+SEQ_LEN = 128  # training rows (local phase, KD, the runs' own evaluations)
+TEACHER_TOP_K = 64
+DEBIAN_PACKAGES = {"debian-faq": "usr/share/doc/debian/FAQ/debian-faq.en.txt.gz", "debian-reference-en": None}
+
+
+def debian_manuals() -> Path:
+    """The Debian FAQ and Debian Reference as .txt files in the cache (``apt-get download``, ``dpkg-deb -x``, gunzip)."""
+    import gzip
+
+    target = cache_root() / "data" / "debian-manuals"
+    if target.is_dir() and any(target.glob("*.txt")):
+        return target
+    with tempfile.TemporaryDirectory() as work:
+        subprocess.run(["apt-get", "download", *DEBIAN_PACKAGES], cwd=work, check=True, capture_output=True)
+        for deb in Path(work).glob("*.deb"):
+            subprocess.run(["dpkg-deb", "-x", str(deb), f"{work}/x"], check=True)
+        staging = target.with_suffix(".part")
+        staging.mkdir(parents=True, exist_ok=True)
+        for text in Path(work, "x").rglob("*.en.txt.gz"):
+            (staging / text.name.removesuffix(".gz")).write_text(gzip.decompress(text.read_bytes()).decode("utf-8", errors="replace"))
+        staging.replace(target)
+    return target
+
+
+class Frontier:
+    """Shared state of one benchmark run: the source, the original, the evaluation sets and their reference numbers."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.source = load_source(args.model)
+        self.original = convert(self.source, loops=1, progress=False)
+        self.original_params = int(self.original.param_counts()["non_embedding"])
+        tokenizer = self.source.tokenizer
+        self.evals = {"heldout": args.data, "manuals": str(debian_manuals()), "licenses": str(license_prose())}
+        self.tokens = {
+            name: load_tokens(spec, tokenizer, "heldout", args.eval_tokens, teacher=self.original) for name, spec in self.evals.items()
+        }
+        self.reference = {name: self._ppl(self.original, name) for name in self.evals}
+        rows = heldout_rows(args.data, tokenizer, args.eval_tokens, SEQ_LEN, 0, self.original)
+        assert rows is not None
+        self.curve_reference = exit_metrics(ExitModel(self.original, None, exits=False), None, rows, 4, "fp32")["ppl"]
+        self.work = cache_root() / "quality_frontier"
+
+    def _ppl(self, model: RecursiveModel, name: str, teacher: RecursiveModel | None = None) -> Any:
+        return evaluate_perplexity(model, self.tokens[name], ctx=self.args.ctx, teacher=teacher, progress=False)
+
+    def measure(self, model: RecursiveModel) -> dict[str, Any]:
+        """Perplexity on every evaluation set, its ratio to the original's, and KL(original || model) on the held-out split."""
+        out: dict[str, Any] = {"ppl": {}, "ratio": {}}
+        for name in self.evals:
+            result = self._ppl(model, name, self.original if name == "heldout" else None)
+            out["ppl"][name] = result.value
+            out["ratio"][name] = result.value / self.reference[name].value
+            if name == "heldout":
+                assert result.per_loop is not None
+                out["kl"] = result.per_loop[-1].kl_teacher
+        return out
+
+    def measure_loops(self, model: RecursiveModel) -> dict[str, Any]:
+        """Held-out KL, perplexity and every loop's exit perplexity (``loop1_ppl``: the first loop's)."""
+        result = self._ppl(model, "heldout", self.original)
+        assert result.per_loop is not None
+        loops = [{"loop": e.loop, "ppl": e.ppl, "kl": e.kl_teacher} for e in result.per_loop]
+        return {"kl": result.per_loop[-1].kl_teacher, "ppl": result.value, "loop1_ppl": result.per_loop[0].ppl, "per_loop": loops}
+
+    # --- conversion ---------------------------------------------------------------------------
+
+    def budget(self, size: float) -> int:
+        return int(size * self.original_params)
+
+    def convert_arm(self, arm: str, size: float) -> tuple[Path, dict[str, Any]]:
+        """The arm's initial checkpoint (converted once, kept in the work directory) and its conversion record."""
+        directory = self.work / f"init-{arm}-{size:g}"
+        record_file = directory / "conversion.json"
+        if record_file.is_file():
+            return directory, json.loads(record_file.read_text())
+        budget = self.budget(size)
+        extra: dict[str, Any] = {}
+        if arm == "plan":  # the search is a one-off design cost per (model, size, data), reported apart
+            began = time.process_time()
+            space = PlanSpace(loops=tuple(self.args.plan_loops), preludes=tuple(self.args.plan_preludes), codas=tuple(self.args.plan_codas))
+            choice = search_plan(self.source, budget, self.args.data, self.args.calib_tokens, space=space, progress=False)
+            extra = {"plan_search_cpu_minutes": (time.process_time() - began) / 60, "plan": choice.model.report["plan"]}
+            del choice
+        began = time.process_time()
+        model, note = self._convert(arm, size, budget, extra.get("plan"))
+        cpu = (time.process_time() - began) / 60
+        counts = model.param_counts()
+        record = {"convert_cpu_minutes": cpu, "params": int(counts["non_embedding"] + counts["lora"]), "note": note, **extra}
+        record["init"] = self.measure(model)
+        model.save_pretrained(directory, overwrite=True)
+        write_json(record_file, record)
+        print(f"  converted {arm} @ {size:g}: {record['params'] / 1e6:.1f}M params, {cpu:.2f} CPU-min; {note}", flush=True)
+        return directory, record
+
+    def _convert(self, arm: str, size: float, budget: int, plan: dict[str, Any] | None) -> tuple[RecursiveModel, str]:
+        data, calib_tokens = self.args.data, self.args.calib_tokens
+        if arm == "plan":  # converting with the chosen plan: what a user who knows the plan pays
+            assert plan is not None
+            chosen = plan["chosen"]
+            lora = next(c["lora_budget"] for c in plan["candidates"] if all(c[k] == v for k, v in chosen.items()))
+            model = convert(
+                self.source, **chosen, init="average", lora_init="asvd", lora_params=lora, calib=data, calib_tokens=calib_tokens
+            )
+            model.report["plan"] = plan
+            return (
+                model,
+                f"loops {chosen['loops']}, prelude {chosen['prelude']}, coda {chosen['coda']}, LoRA budget {lora:,}: {plan['reason']}",
+            )
+        loops = 2 if size >= 0.5 else 3
+        if arm == "cycle":
+            base, _ = base_params(self.original.arch, loops, 0, 0, "per-depth")
+            lora = budget - base
+            if lora < 0:
+                raise SystemExit(f"cycle loops {loops} does not fit size {size}")
+            model = convert(
+                self.source, loops=loops, init="average", lora_init="asvd", lora_params=lora, calib=data, calib_tokens=calib_tokens
+            )
+            return model, f"cycle loops {loops}, LoRA budget {lora:,}"
+        if arm.startswith("drop-"):
+            per_layer = (self.original_params - self.original.arch.hidden_size) / self.original.num_depths
+            keep = int((budget - self.original.arch.hidden_size) // per_layer)
+            by = arm.removeprefix("drop-")
+            model = drop_layers(self.source, keep, by, calib=data if by == "influence" else None, calib_tokens=calib_tokens)
+            return model, f"{keep} layers kept: {model.recursion.kept_layers}"
+        if arm == "paper":
+            rank = paper_rank(self.original, loops, budget)
+            model = convert(self.source, loops=loops, init="average", rank=rank, lora_init="svd", norms="tied")
+            return model, f"cycle loops {loops}, average, plain SVD rank {rank}, tied norms"
+        raise SystemExit(f"unknown arm {arm!r}; choose from {', '.join(ARMS)}")
+
+    # --- training -----------------------------------------------------------------------------
+
+    def train_arm(self, arm: str, init: Path, minutes: float, out: Path) -> dict[str, Any]:
+        """Local healing for --local-share of ``minutes`` (not for the paper recipe), then KD; the healed model in ``out``."""
+        local = 0.0 if arm == "paper" else self.args.local_share * minutes
+        config = HealConfig(
+            str(init), str(out), self.args.data, teacher=self.args.model, calib_tokens=self.args.calib_tokens, minutes=local,
+            kd_minutes=minutes - local, seq_len=SEQ_LEN, eval_tokens=self.args.eval_tokens, eval_every_minutes=self.args.curve_every,
+            kd_eval_every=self.args.kd_eval_every, teacher_cache=self.args.teacher_cache, overwrite=True, quiet=True,
+        )  # fmt: skip
+        report = heal(config)
+        local_s = report.local_cpu_minutes * 60
+        curve = [(r["cpu_s"], r["kl"], r["ppl"]) for r in read_metrics(out / "heal.jsonl") if r["event"] == "eval" and "kl" in r]
+        if report.kd is not None:
+            curve += [(local_s + r["cpu_s"], r["kl"], r["ppl"]) for r in read_metrics(out / "metrics.jsonl") if r["event"] == "eval"][1:]
+        kd = report.kd or {}
+        return {
+            "local_cpu_minutes": report.local_cpu_minutes,
+            "kd_cpu_minutes": kd.get("cpu_minutes", 0.0),
+            "kd_tokens": kd.get("tokens_seen", 0),
+            "kd_tokens_per_s": kd.get("tokens_per_s", 0.0),
+            "teacher_cache": kd.get("teacher_cache"),
+            "curve": [
+                {"train_cpu_minutes": s / 60, "kl": kl, "ppl": ppl, "ratio": ppl / self.curve_reference} for s, kl, ppl in sorted(curve)
+            ],
+        }
+
+
+def paper_rank(original: RecursiveModel, loops: int, budget: int) -> int:
+    """The largest uniform LoRA rank whose tied-norm cycle model fits ``budget`` (non-embedding + LoRA)."""
+    from recursify.config import LINEARS, RecursionConfig
+
+    def params(rank: int) -> int:
+        recursion = RecursionConfig(loops=loops, norms="tied", ranks=dict.fromkeys(LINEARS, rank))
+        with torch.device("meta"):
+            counts = RecursiveModel(original.arch, recursion).param_counts()
+        return int(counts["non_embedding"] + counts["lora"])
+
+    rank = 0
+    while params(rank + 1) <= budget:
+        rank += 1
+    return rank
+
+
+# --- results ---------------------------------------------------------------------------------
+
+
+def load_results(path: Path, resume: bool) -> dict[str, Any]:
+    if resume and path.is_file():
+        return json.loads(path.read_text())
+    return {"rows": []}
+
+
+def summarise(results: dict[str, Any], original_params: int) -> None:
+    """The summary fields of the issue from the rows (and the curves), in place."""
+    rows = [r for r in results["rows"] if "ppl" in r]
+    half = [r for r in rows if r["params"] <= HALF * original_params]
+    for minutes in (20, 60):
+        fitting = [r for r in half if r["cpu_minutes"] <= minutes + 1e-6]
+        for metric, suffix in (("heldout", ""), ("manuals", "_human")):
+            best = min(fitting, key=lambda r: r["ratio"][metric], default=None)
+            results[f"best_half_ppl_ratio_{minutes}min{suffix}"] = best["ratio"][metric] if best else None
+            results[f"best_half_{minutes}min{suffix}_arm"] = best["arm"] if best else None
+    versus = {}
+    for size in sorted({r["size"] for r in rows}):
+        for budget in sorted({r["budget"] for r in rows}):
+            same = [r for r in rows if r["size"] == size and r["budget"] == budget]
+            recursive = [r["ppl"]["heldout"] for r in same if r["arm"] in ("plan", "cycle")]
+            dropped = [r["ppl"]["heldout"] for r in same if r["arm"].startswith("drop-")]
+            if recursive and dropped:
+                versus[f"{size:g}@{budget:g}min"] = min(recursive) / min(dropped)
+    results["recursive_vs_layerdrop_ppl"] = versus
+    to_2x: dict[str, float | None] = {}
+    for r in rows:
+        points = [p for p in r.get("curve", []) if p["ratio"] <= 2.0]
+        to_2x[f"{r['arm']}@{r['size']:g}/{r['budget']:g}min"] = (
+            r["convert_cpu_minutes"] + points[0]["train_cpu_minutes"] if points else None
+        )
+    results["cpu_minutes_to_2x"] = to_2x
+
+
+def pareto_plot(results: dict[str, Any], path: Path) -> None:
+    """Parameters vs held-out perplexity ratio: one line per budget (recursive solid, baselines dashed)."""
+    plt = pyplot()
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    rows = [r for r in results["rows"] if "ppl" in r]
+    for index, budget in enumerate(sorted({r["budget"] for r in rows})):
+        color = f"C{index}"
+        for baseline, style in ((False, "-o"), (True, "--s")):
+            chosen: dict[float, dict[str, Any]] = {}
+            for r in rows:
+                if r["budget"] == budget and (r["arm"] in BASELINES) == baseline:
+                    best = chosen.get(r["size"])
+                    if best is None or r["ratio"]["heldout"] < best["ratio"]["heldout"]:
+                        chosen[r["size"]] = r
+            points = sorted(chosen.values(), key=lambda r: r["params"])
+            if points:
+                label = f"{budget:g} CPU-min, {'best baseline' if baseline else 'best recursive'}"
+                axis.plot([p["params"] / 1e6 for p in points], [p["ratio"]["heldout"] for p in points], style, color=color, label=label)
+    axis.set_yscale("log")
+    axis.set_xlabel("non-embedding + per-depth parameters (M)")
+    axis.set_ylabel("held-out perplexity / original's")
+    axis.axhline(1.0, color="grey", lw=0.8)
+    axis.legend(fontsize=8)
+    save_figure(figure, path)
+    plt.close(figure)
+
+
+def print_table(results: dict[str, Any]) -> None:
+    print(f"{'arm':<16}{'size':>6}{'budget':>7}{'params M':>9}{'CPU-min':>8}{'KL':>7}{'ppl':>9}", end="")
+    print(f"{'x orig':>8}{'x manuals':>10}{'x licenses':>11}")
+    for r in results["rows"]:
+        if "ppl" not in r:
+            continue
+        ratio = r["ratio"]
+        print(
+            f"{r['arm']:<16}{r['size']:>6g}{r['budget']:>7g}{r['params'] / 1e6:>9.1f}{r['cpu_minutes']:>8.1f}{r['kl']:>7.2f}"
+            f"{r['ppl']['heldout']:>9.4g}{ratio['heldout']:>8.2f}{ratio['manuals']:>10.2f}{ratio['licenses']:>11.2f}"
+        )
+
+
+def cache_bench(frontier: Frontier, results: dict[str, Any], minutes: float, save: Callable[[], None]) -> None:
+    """KD from one init for ``minutes`` CPU-minutes with the online teacher vs the cached top-64: tokens/s and held-out KL."""
+    init, _ = frontier.convert_arm("cycle", HALF)
+    bench = results.setdefault("teacher_cache_bench", {"minutes": minutes})
+    for name, k in (("online", 0), (f"top-{TEACHER_TOP_K}", TEACHER_TOP_K)):
+        if name in bench:
+            continue
+        out = frontier.work / f"cache-bench-{name}"
+        config = HealConfig(
+            str(init), str(out), frontier.args.data, teacher=frontier.args.model, calib_tokens=frontier.args.calib_tokens, minutes=0,
+            kd_minutes=minutes, seq_len=SEQ_LEN, eval_tokens=frontier.args.eval_tokens, teacher_cache=k, overwrite=True, quiet=True,
+        )  # fmt: skip
+        report = heal(config)
+        assert report.kd is not None
+        bench[name] = {
+            "kd_tokens_per_s": report.kd["tokens_per_s"],
+            "kd_tokens": report.kd["tokens_seen"],
+            "kd_cpu_minutes": report.kd["cpu_minutes"],
+            "teacher_cache": report.kd.get("teacher_cache"),
+            **frontier.measure(load(out)),
+        }
+        shutil.rmtree(out, ignore_errors=True)
+        print(f"  cache bench {name}: {bench[name]['kd_tokens_per_s']:.1f} tok/s, KL {bench[name]['kl']:.3f}", flush=True)
+        save()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument(
+        "--data", default="teacher:64000", help="trains and calibrates (train split); its held-out split is the primary evaluation"
+    )
+    parser.add_argument("--sizes", type=float, nargs="+", default=[HALF, 0.35], help="fractions of the original's non-embedding parameters")
+    parser.add_argument("--budgets", type=float, nargs="+", default=[20.0, 60.0], help="CPU-minutes per row, conversion included")
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    parser.add_argument("--calib-tokens", type=int, default=16384)
+    parser.add_argument("--eval-tokens", type=int, default=4096)
+    parser.add_argument("--ctx", type=int, default=256)
+    parser.add_argument("--local-share", type=float, default=0.3, help="share of the training budget spent on local healing")
+    parser.add_argument("--teacher-cache", type=int, default=TEACHER_TOP_K, help="KD top-k (0 = online teacher)")
+    parser.add_argument("--curve-every", type=float, default=2.0, help="CPU-minutes between local-phase curve points")
+    parser.add_argument("--kd-eval-every", type=int, default=40, help="KD steps between curve points")
+    parser.add_argument("--plan-loops", type=int, nargs="+", default=[2, 3, 4])
+    parser.add_argument("--plan-preludes", type=int, nargs="+", default=[0, 1, 2, 4])
+    parser.add_argument("--plan-codas", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--init-only", action="store_true", help="convert and evaluate every arm at initialisation, no training")
+    parser.add_argument(
+        "--cache-bench", type=float, default=0.0, help="CPU-minutes of KD per arm of the teacher-cache comparison (0 = skip)"
+    )
+    parser.add_argument("--resume", action="store_true", help="keep the rows already in the JSON and the converted inits")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="the JSON to write (the plot goes beside it)")
+    args = parser.parse_args()
+
+    frontier = Frontier(args)
+    results = load_results(args.results, args.resume)
+    results.update(
+        model=args.model, data=args.data, eval_sets=frontier.evals, eval_tokens=args.eval_tokens, ctx=args.ctx,
+        original_params=frontier.original_params, original_ppl={k: v.value for k, v in frontier.reference.items()},
+        original_curve_ppl=frontier.curve_reference, torch_threads=torch.get_num_threads(), date=time.strftime("%Y-%m-%d"),
+        local_share=args.local_share, teacher_cache_k=args.teacher_cache,
+    )  # fmt: skip
+
+    def save() -> None:
+        summarise(results, frontier.original_params)
+        write_json(args.results, results)
+
+    print(
+        f"original: {frontier.original_params / 1e6:.1f}M non-embedding; held-out ppl "
+        + ", ".join(f"{k} {v.value:.2f}" for k, v in frontier.reference.items())
+    )
+    done = {(r["arm"], r["size"], r["budget"]) for r in results["rows"]}
+    for size in args.sizes:
+        for arm in args.arms:
+            init, record = frontier.convert_arm(arm, size)
+            budgets = [0.0] if args.init_only else args.budgets
+            for budget in budgets:
+                if (arm, size, budget) in done:
+                    continue
+                row: dict[str, Any] = {"arm": arm, "size": size, "budget": budget, "params": record["params"], "note": record["note"]}
+                row["convert_cpu_minutes"] = record["convert_cpu_minutes"]
+                if "plan" in record:
+                    row["plan_search_cpu_minutes"] = record["plan_search_cpu_minutes"]
+                    results.setdefault("plans", {})[f"{size:g}"] = record["plan"]
+                train_minutes = budget - record["convert_cpu_minutes"]
+                if budget == 0.0:
+                    row.update(cpu_minutes=record["convert_cpu_minutes"], **record["init"])
+                elif train_minutes <= 0:
+                    row["skipped"] = f"conversion alone took {record['convert_cpu_minutes']:.1f} CPU-minutes"
+                else:
+                    out = frontier.work / f"run-{arm}-{size:g}-{budget:g}"
+                    row.update(frontier.train_arm(arm, init, train_minutes, out))
+                    row["cpu_minutes"] = row["convert_cpu_minutes"] + row["local_cpu_minutes"] + row["kd_cpu_minutes"]
+                    row.update(frontier.measure(load(out)))
+                    shutil.rmtree(out, ignore_errors=True)
+                cache = row.get("teacher_cache") or {}
+                if cache.get("built"):
+                    results["teacher_cache_cpu_minutes"] = cache["cpu_minutes"]
+                results["rows"].append(row)
+                save()
+                if "ppl" in row:
+                    print(
+                        f"  {arm} @ {size:g}, {budget:g} min: ppl {row['ppl']['heldout']:.4g} ({row['ratio']['heldout']:.2f}x)", flush=True
+                    )
+    if args.cache_bench > 0:
+        cache_bench(frontier, results, args.cache_bench, save)
+    save()
+    if any("ppl" in r for r in results["rows"]):
+        pareto_plot(results, args.results.with_suffix(".png"))
+    print_table(results)
+    print({k: v for k, v in results.items() if k.startswith(("best_", "recursive_vs", "cpu_minutes_to"))})
+    print(f"wrote {args.results}")
+
+
+if __name__ == "__main__":
+    main()
