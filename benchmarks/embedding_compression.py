@@ -205,7 +205,8 @@ def recursive_section(source_spec: str, calibration: Calibration, source: Loaded
     vocabulary = vocabulary_params(dense)
     embed_params = int(args.recursive_ratios[1] * total - (dense.param_counts()["total"] - vocabulary))
     arms = {"dense embedding": dense, "factorised": convert(source, calib=calibration, embed_params=embed_params, progress=False, **common)}  # type: ignore[arg-type]
-    results: dict[str, Any] = {"options": {**common, "embed_params": embed_params}, "arms": {}}
+    healing = {"heal_minutes": args.heal_minutes, "kd_minutes": args.kd_minutes, "eval_tokens": args.eval_tokens}
+    results: dict[str, Any] = {"options": {**common, "embed_params": embed_params, **healing}, "arms": {}}
     with tempfile.TemporaryDirectory() as work:
         for name, model in arms.items():
             student = Path(work) / name.replace(" ", "-")

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
 from recursify import convert
 from recursify.conversion.calibration import Calibration, calibrate, damped
-from recursify.conversion.embedding_init import SMOOTHING, budget_candidates, head_fit, input_fit, tied_fit, weighted_low_rank
+from recursify.conversion.embedding_init import (
+    SMOOTHING,
+    LowRankFit,
+    budget_candidates,
+    head_fit,
+    input_fit,
+    tied_fit,
+    weighted_low_rank,
+)
 from recursify.errors import ConfigError
 from tiny import tiny_model
 
@@ -129,3 +139,44 @@ def test_budget_candidates_spend_at_most_the_budget() -> None:
     assert all(h is not None for _, h in budget_candidates(untied, 145 * 20))  # an untied source has its own head
     with pytest.raises(ConfigError, match="below the smallest"):
         budget_candidates(untied, 200)
+
+
+def _solution_split(fit: LowRankFit, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The closed form's own split, table = D W M V_r / D and basis = V_r^T M^-1 (float64): the reference product."""
+    right = fit.vectors[:, :rank].T
+    return (fit.scaled @ right.T) / fit.row_weights[:, None], right @ fit.inverse_columns
+
+
+@pytest.mark.parametrize("fitter", [input_fit, head_fit, tied_fit])
+def test_factors_keep_the_product_with_an_orthonormal_basis(fitter: Any) -> None:
+    weight, calibration = _statistics(vocab=60, hidden=10, seed=1)
+    fit = fitter(weight, calibration)
+    for rank in (1, 4, 10):
+        table, basis = fit.factors(rank)
+        assert table.dtype == basis.dtype == torch.float32 and table.shape == (60, rank) and basis.shape == (rank, 10)
+        reference_table, reference_basis = _solution_split(fit, rank)
+        product = reference_table @ reference_basis
+        torch.testing.assert_close(table.double() @ basis.double(), product, atol=1e-5 * float(product.abs().max()), rtol=1e-5)
+        torch.testing.assert_close(basis.double() @ basis.double().T, torch.eye(rank, dtype=torch.float64), atol=1e-6, rtol=0)
+        # an orthonormal frame: each table row has the norm of the product's row, whatever D and M were
+        torch.testing.assert_close(table.double().norm(dim=1), product.norm(dim=1), atol=1e-5, rtol=1e-5)
+
+
+def _tied_model(**options: Any) -> Any:
+    """The tiny tied qwen2 converted with factors fitted on 256 calibration tokens (random ids)."""
+    source = tiny_model("qwen2")
+    rows = torch.randint(3, 97, (16, 16), generator=torch.Generator().manual_seed(0))
+    calibration = calibrate(convert(source, loops=1, progress=False), rows, progress=False)
+    return convert(source, calib=calibration, progress=False, **options)
+
+
+def test_fitted_table_has_the_scale_of_the_original_rows() -> None:
+    """The tied fit's whitening M ~ 1 / ||D W|| shrinks with the calibration tokens; the table must not (AdamW steps
+    every entry by ~lr, so a table at RMS ~ lr is rewritten by one step: SmolLM2's came out at 5e-4 before)."""
+    rank = 8
+    model = _tied_model(embed_rank=rank)
+    source = tiny_model("qwen2")
+    original_rms = float(source.get_input_embeddings().weight.detach().pow(2).mean().sqrt())
+    table_rms = float(model.embed.table.detach().pow(2).mean().sqrt())
+    # a row of norm ||E_v|| spread over rank coordinates instead of hidden: RMS up to sqrt(hidden / rank) larger
+    assert 0.5 * original_rms < table_rms < (48 / rank) ** 0.5 * original_rms, (table_rms, original_rms)

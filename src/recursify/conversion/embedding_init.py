@@ -64,11 +64,22 @@ class LowRankFit:
     vectors: torch.Tensor
 
     def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(table [vocab, rank], basis [rank, hidden]), float32, minimising the weighted error at ``rank``."""
+        """(table [vocab, rank], basis [rank, hidden]), float32, minimising the weighted error at ``rank``.
+
+        The product is unique, the split is not (table G, G^-1 basis for any invertible G), and the
+        split decides how training moves the factors: AdamW steps every entry by about the learning
+        rate whatever its scale. The solution's own split, table = D W M V_r / D and basis =
+        V_r^T M^-1, carries M's scale, and the tied fit's M is ~1 / ||D W|| (``tied_fit``), which
+        shrinks as the calibration tokens grow: SmolLM2's table came out at RMS 5e-4, so the first
+        full step of ``recursify heal`` at lr 5e-4 rewrote it (head KL 0.7 -> 11.7 nats). The basis
+        is therefore returned with orthonormal rows (a QR frame of the product's row space) and the
+        table holds each row's coordinates in it: a table row has the norm of its product row, so
+        the table stays at the original matrix's scale (entry RMS about sqrt(hidden / rank) times its).
+        """
         right = self.vectors[:, :rank].T  # (rank, hidden): top right singular vectors of D W M
         table = (self.scaled @ right.T) / self.row_weights[:, None]
-        basis = right @ self.inverse_columns
-        return table.float().contiguous(), basis.float().contiguous()
+        frame, triangle = torch.linalg.qr((right @ self.inverse_columns).T)  # basis^T = frame [hidden, rank] @ triangle [rank, rank]
+        return (table @ triangle.T).float().contiguous(), frame.T.float().contiguous()
 
     def relative_error(self, rank: int) -> float:
         """||D (W - X_r) M||^2 / ||D W M||^2: the share of weighted energy the rank leaves out."""

@@ -295,6 +295,22 @@ def _check_teacher(student: RecursiveModel, teacher: RecursiveModel) -> None:
         )
 
 
+def local_optimizer(student: RecursiveModel, lr: float) -> torch.optim.AdamW:
+    """AdamW over what the local phase trains: the shared layers (LoRA and norms included) and, for low-rank
+    vocabulary factors, the embedding, final norm and head (their own targets: see ``vocabulary_losses``).
+
+    One learning rate serves all of them because every parameter is stored at the scale of what it
+    represents: AdamW moves each entry by about lr per step, so a factor stored far below that
+    scale would be rewritten by one step (``LowRankFit.factors`` splits the fitted product so
+    that its table carries the original matrix's scale for this reason).
+    """
+    trained = list(student.layers)
+    if student.embedding_layout.factorized:
+        trained += [student.embed, student.final_norm] + ([student.lm_head] if student.lm_head is not None else [])
+    params = [p for module in trained for p in module.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=lr, betas=BETAS, weight_decay=0.0)
+
+
 def _local_phase(run: _Healing) -> None:
     """Capture the teacher's states, then train every depth on them until the CPU budget is spent."""
     from tqdm.auto import tqdm
@@ -305,11 +321,7 @@ def _local_phase(run: _Healing) -> None:
     report.capture_cpu_minutes = total.used() / 60
     # The schedule spans what is left after the capture; the capture still counts against --minutes.
     budget = CpuBudget(max(total.seconds - total.used(), 1e-9))
-    trained = list(student.layers)
-    if student.embedding_layout.factorized:  # their own targets: see vocabulary_losses
-        trained += [student.embed, student.final_norm] + ([student.lm_head] if student.lm_head is not None else [])
-    params = [p for module in trained for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=BETAS, weight_decay=0.0)
+    optimizer = local_optimizer(student, config.lr)
     student.train()
     next_eval = config.eval_every_minutes * 60 if config.eval_every_minutes > 0 else math.inf
     bar = tqdm(total=round(total.seconds), unit="cpu-s", desc="local heal", disable=config.quiet)
