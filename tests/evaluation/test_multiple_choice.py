@@ -16,7 +16,17 @@ import torch
 import recursify
 from recursify.errors import ConfigError, DataError
 from recursify.evaluation.loglikelihood import continuation_logprobs, encode_pair
-from recursify.evaluation.multiple_choice import Example, Task, build_questions, choice_metrics, evaluate_task, load_task
+from recursify.evaluation.multiple_choice import (
+    Example,
+    Question,
+    Task,
+    build_questions,
+    chance_accuracy,
+    choice_metrics,
+    constant_answer_accuracy,
+    evaluate_task,
+    load_task,
+)
 from recursify.modeling.model import RecursiveModel
 from tiny import tiny_model, tiny_tokenizer
 
@@ -200,3 +210,29 @@ def test_gold_is_every_best_scored_choice() -> None:
     assert example.gold == {1, 2} and example.answer == "b"
     task = Task(name="t", examples=[example, example])
     assert build_questions(task)[0].gold == {1, 2}
+
+
+def test_chance_accuracy_of_the_toy_task_by_hand(tmp_path: Path) -> None:
+    questions = build_questions(load_task(_write(tmp_path, TOY)))
+    # 3, 2, 3, 2, 3 choices with one gold each: (1/3 + 1/2 + 1/3 + 1/2 + 1/3) / 5 = 2/5
+    mean, se = chance_accuracy(questions)
+    assert mean == pytest.approx(2 / 5)
+    # variance of the mean: (3 * (1/3)(2/3) + 2 * (1/2)(1/2)) / 25 = (2/3 + 1/2) / 25 = 7/150
+    assert se == pytest.approx((7 / 150) ** 0.5)
+    # several gold choices raise the odds; equal odds give the plain binomial standard error
+    same = [Question("q", ["a", "b", "c", "d"], {0, 2})] * 4
+    assert chance_accuracy(same) == pytest.approx((0.5, (0.25 / 4) ** 0.5))
+
+
+def test_constant_answer_accuracy_counts_the_most_common_gold_text() -> None:
+    questions = [
+        Question("q1", ["True", "False"], {0}),
+        Question("q2", ["False", "True"], {1}),
+        Question("q3", ["True", "False"], {1}),
+        Question("q4", ["yes", "True", "no"], {0, 1}),
+    ]
+    assert constant_answer_accuracy(questions) == (0.75, "True")
+    with pytest.raises(DataError, match="at least one"):
+        constant_answer_accuracy([])
+    with pytest.raises(DataError, match="at least one"):
+        chance_accuracy([])

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -155,6 +156,41 @@ def _formatted_input(task: Task, example: Example, rng: random.Random) -> str:
         rng.shuffle(listed)
         text += task.choice_prefix + task.choice_prefix.join(listed)
     return task.input_prefix + text + task.output_prefix
+
+
+def chance_accuracy(questions: list[Question]) -> tuple[float, float]:
+    """(mean, standard error) of the accuracy that uniform random guessing scores on these questions.
+
+    A guess is right on a question with probability #gold / #choices, so the mean is the average of
+    those probabilities and the variance of the average is sum p(1 - p) / n^2 (independent questions;
+    the plain binomial sqrt(p(1 - p) / n) when every question has the same p). acc and acc_norm share
+    this baseline: a random guess does not depend on how the log-likelihoods are normalised.
+
+    Raises:
+        DataError: no questions.
+    """
+    if not questions:
+        raise DataError("chance accuracy needs at least one question")
+    odds = [len(question.gold) / len(question.choices) for question in questions]
+    variance = sum(p * (1 - p) for p in odds) / len(odds) ** 2
+    return sum(odds) / len(odds), variance**0.5
+
+
+def constant_answer_accuracy(questions: list[Question]) -> tuple[float, str]:
+    """(accuracy, answer) of always giving the answer text that is correct most often.
+
+    The baseline a model biased towards one label ("True", "Yes") reaches without reading the
+    question: a task whose first questions are mostly "True" is not above chance for a model that
+    always says "True", however far its accuracy is from #gold / #choices.
+
+    Raises:
+        DataError: no questions.
+    """
+    if not questions:
+        raise DataError("constant-answer accuracy needs at least one question")
+    counts = Counter(question.choices[index] for question in questions for index in question.gold)
+    answer, count = max(counts.items(), key=lambda item: (item[1], item[0]))
+    return count / len(questions), answer
 
 
 def choice_metrics(logprobs: list[float], choices: list[str], gold: set[int]) -> tuple[float, float]:
