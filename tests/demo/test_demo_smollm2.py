@@ -11,6 +11,7 @@ import pytest
 
 from helpers import numbers
 from recursify.cli import main
+from recursify.demo.plan import GRID
 from recursify.demo.report import HEADLINE_KEYS, PLOTS
 
 pytestmark = pytest.mark.slow
@@ -22,7 +23,8 @@ def test_quick_demo_on_the_embedded_model(tmp_path: Path, capsys: pytest.Capture
     minutes = (time.perf_counter() - began) / 60
     report = json.loads((tmp_path / "demo" / "report.json").read_text())
     assert report["options"]["model"] == "smollm2-135m" and report["options"]["quick"]
-    assert len(report["headline"]) == 7 and all(set(HEADLINE_KEYS) <= set(row) for row in report["headline"])
+    assert len(report["headline"]) == len(GRID) + 2  # the original, the grid and the exit-trained model
+    assert all(set(HEADLINE_KEYS) <= set(row) for row in report["headline"])
     assert report["models"]["original"]["eval"]["per_loop"][0]["kl_teacher"] == pytest.approx(0.0, abs=1e-4)
     assert all(math.isfinite(n) for n in numbers(report))
     assert all((tmp_path / "demo" / path).is_file() for path in PLOTS.values())
