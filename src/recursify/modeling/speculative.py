@@ -71,6 +71,14 @@ class SpeculativeStats:
         return {**counts, "acceptance_rate": self.acceptance_rate, "tokens_per_pass": self.tokens_per_pass}
 
 
+def check_draft_loops(config: SpeculativeConfig, loops: int) -> None:
+    """Raise unless ``config`` drafts with 1..loops-1 of the model's ``loops`` loops."""
+    if loops < 2:
+        raise ConfigError(f"speculative decoding drafts with a recursive model's first loops: it needs loops >= 2, this model has {loops}")
+    if not 1 <= config.draft_loops < loops:
+        raise ConfigError(f"--speculative BxD needs B in 1..{loops - 1} loops of this {loops}-loop model, got B={config.draft_loops}")
+
+
 @torch.no_grad()
 def speculative_stream(
     model: RecursiveModel,
@@ -89,10 +97,7 @@ def speculative_stream(
     Rows advance at their own pace inside; tokens are yielded position by position once every
     row has its next one, so callers see exactly the stream plain decoding yields.
     """
-    if not 1 <= config.draft_loops < model.loops:
-        raise ConfigError(
-            f"speculative decoding drafts with 1..{model.loops - 1} loops of this {model.loops}-loop model, got {config.draft_loops}"
-        )
+    check_draft_loops(config, model.loops)
     stats = stats if stats is not None else SpeculativeStats()
     batch = input_ids.shape[0]
     if max_new_tokens == 0:

@@ -20,7 +20,7 @@ from recursify.config import SamplingConfig, SpeculativeConfig, parse_speculativ
 from recursify.errors import ConfigError
 from recursify.evaluation.loglikelihood import model_max_length
 from recursify.modeling.model import RecursiveModel
-from recursify.modeling.speculative import SpeculativeStats, speculative_rounds
+from recursify.modeling.speculative import SpeculativeStats, check_draft_loops, speculative_rounds
 from recursify.serving.config import EngineConfig
 from recursify.serving.exit_policy import parse_exit_policy
 from recursify.serving.kv_cache import BlockAllocator, KVPool
@@ -122,8 +122,8 @@ class Engine:
         self.runner = ModelRunner(model, self.pool, self.policy, self.config.kv_mode)
         self.max_model_len = self.config.max_model_len or model_max_length(model)
         self.speculative = parse_speculative(self.config.speculative) if self.config.speculative else None
-        if self.speculative is not None and not self.speculative.draft_loops < model.loops:
-            raise ConfigError(f"speculative decoding drafts with 1..{model.loops - 1} loops of this {model.loops}-loop model")
+        if self.speculative is not None:
+            check_draft_loops(self.speculative, model.loops)
         self.speculative_stats = SpeculativeStats()
         self._session: _Session | None = None
         self.stats = EngineStats()
