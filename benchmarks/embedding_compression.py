@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -38,6 +38,9 @@ from recursify.data import load_tokens, pack
 from recursify.files import write_json
 from recursify.modeling.model import RecursiveModel
 from recursify.sources import LoadedSource, load_source
+
+if TYPE_CHECKING:
+    from recursify.training.healing import HealReport
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conversion_quality import license_prose  # noqa: E402  (a sibling script: the license prose it builds)
@@ -161,25 +164,30 @@ def decode_costs(model: RecursiveModel, batch: int, reps: int, prompt: int = 32)
     return min(steps), min(heads)
 
 
-def heal_section(source_spec: str, calibration: Calibration, source: LoadedSource, budget: int, args: argparse.Namespace) -> dict[str, Any]:
+def heal_checkpoint(student: Path, out: Path, source_spec: str, args: argparse.Namespace) -> HealReport:
+    """Local healing then KD of a saved checkpoint with the benchmark's budgets (every healed arm runs the same)."""
     from recursify.training import HealConfig, heal
 
+    config = HealConfig(
+        str(student),
+        str(out),
+        args.data,
+        teacher=source_spec,
+        minutes=args.heal_minutes,
+        kd_minutes=args.kd_minutes,
+        seq_len=128,
+        eval_tokens=args.eval_tokens,
+        precision="fp32",
+        quiet=True,
+    )
+    return heal(config)
+
+
+def heal_section(source_spec: str, calibration: Calibration, source: LoadedSource, budget: int, args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as work:
         student = Path(work) / "init"
         convert(source, loops=1, calib=calibration, embed_params=budget, progress=False).save_pretrained(student)
-        config = HealConfig(
-            str(student),
-            str(Path(work) / "healed"),
-            args.data,
-            teacher=source_spec,
-            minutes=args.heal_minutes,
-            kd_minutes=args.kd_minutes,
-            seq_len=128,
-            eval_tokens=args.eval_tokens,
-            precision="fp32",
-            quiet=True,
-        )
-        report = heal(config)
+        report = heal_checkpoint(student, Path(work) / "healed", source_spec, args)
     result = {
         "minutes": args.heal_minutes,
         "kd_minutes": args.kd_minutes,
@@ -197,8 +205,6 @@ def heal_section(source_spec: str, calibration: Calibration, source: LoadedSourc
 def recursive_section(source_spec: str, calibration: Calibration, source: LoadedSource, args: argparse.Namespace) -> dict[str, Any]:
     """Two recursive models at equal healing CPU-minutes: the dense embedding at the first ratio of the original's
     parameters, a factorised one (``--embed-params`` filling the second ratio) with the same loops and LoRA budget."""
-    from recursify.training import HealConfig, heal
-
     common = dict(loops=args.recursive_loops, init="average", lora_init="asvd", lora_params=args.recursive_lora_params)
     dense = convert(source, calib=calibration, progress=False, **common)  # type: ignore[arg-type]
     total = dense.param_counts()["source_total"]
@@ -211,19 +217,7 @@ def recursive_section(source_spec: str, calibration: Calibration, source: Loaded
         for name, model in arms.items():
             student = Path(work) / name.replace(" ", "-")
             model.save_pretrained(student)
-            config = HealConfig(
-                str(student),
-                str(student) + "-healed",
-                args.data,
-                teacher=source_spec,
-                minutes=args.heal_minutes,
-                kd_minutes=args.kd_minutes,
-                seq_len=128,
-                eval_tokens=args.eval_tokens,
-                precision="fp32",
-                quiet=True,
-            )
-            report = heal(config)
+            report = heal_checkpoint(student, Path(str(student) + "-healed"), source_spec, args)
             counts = model.param_counts()
             results["arms"][name] = {
                 "ratio": counts["ratio"],
