@@ -204,8 +204,10 @@ class RecursiveModel(nn.Module):
             return self.exit_heads(h, loop)
         if len(loop) != h.shape[:-1].numel():
             raise ConfigError(f"exit_logits got {len(loop)} loops for {h.shape[:-1].numel()} states")
-        if self.exit_heads is None or len(set(loop)) <= 1:
-            return self.exit_input(h, loop[0] if self.exit_heads is not None and loop else self.loops - 1)
+        if self.exit_heads is None:
+            return self.final_norm(h)
+        if len(set(loop)) == 1:
+            return self.exit_input(h, loop[0])
         flat = h.reshape(-1, h.shape[-1])
         z = torch.empty_like(flat)
         for value in sorted(set(loop)):  # one exit head per loop present (at most B)
