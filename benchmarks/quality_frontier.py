@@ -26,6 +26,18 @@ set; that one-off cost is reported apart (``teacher_cache_cpu_minutes``). Data: 
 held-out split is the primary evaluation ("held-out perplexity"); human-written text the runs never see
 (Debian manuals, fetched with apt-get; the license texts of /usr/share/common-licenses) is evaluated too.
 Every arm's result is written as soon as it is measured, so ``--resume`` continues an interrupted run.
+
+``--train-data SPEC`` trains on other data than ``--data`` (e.g. ``teacher:256000`` so that a 60-minute row
+does not repeat 64k tokens a dozen times); calibration and the held-out evaluation stay on ``--data``, and a
+row's curve is then measured on the held-out split of the training data (its ``curve_reference``).
+``--total-sizes T ...`` adds ``plan`` rows sized by the original's *total* parameters (embedding and head
+included): the plan search (``convert --plan auto --target-total``) also tries the vocabulary factorised to
+each of ``--vocab-shares`` of its dense parameters, trading embedding rank against LoRA rank and loops.
+Every row carries ``total_params`` / ``total_ratio`` and the vocabulary share it kept;
+``factorised_vs_dense_20min`` compares the best factorised row at <= 0.35x the original's total parameters
+with the best dense-vocabulary row at <= 0.5x. Every trained row is also scored on ``--tasks``
+(BIG-bench multiple choice, the first ``--task-limit`` questions, 0-shot; the original's scores in
+``original_tasks``).
 """
 
 from __future__ import annotations
@@ -48,6 +60,8 @@ from recursify.conversion.convert import convert
 from recursify.conversion.layer_drop import drop_layers
 from recursify.conversion.plan_search import PlanSpace, base_params, search_plan
 from recursify.data import load_tokens
+from recursify.evaluation.bigbench import bigbench_task_path
+from recursify.evaluation.multiple_choice import evaluate_task, load_task
 from recursify.evaluation.perplexity import evaluate_perplexity
 from recursify.files import pyplot, save_figure, write_json
 from recursify.modeling.model import RecursiveModel
@@ -62,6 +76,10 @@ BASELINES = ("drop-influence", "drop-first", "paper")
 HALF = 0.55  # "half size": at most this fraction of the original's non-embedding parameters
 SEQ_LEN = 128  # training rows (local phase, KD, the runs' own evaluations)
 TEACHER_TOP_K = 64
+# BIG-bench tasks the original SmolLM2-135M answers clearly above chance, 0-shot (benchmarks/bigbench_tasks.py)
+TASKS = ("date_understanding", "general_knowledge", "code_line_description", "movie_recommendation")
+TOTAL_SMALL, TOTAL_HALF = 0.35, 0.5  # total-parameter ratios (embedding included) of the factorised comparison
+RATIOS = {"3x": 3.0, "2x": 2.0, "1_5x": 1.5}  # cpu_minutes_to_<key>: the CPU-minutes a curve needs to reach each ratio
 DEBIAN_PACKAGES = {"debian-faq": "usr/share/doc/debian/FAQ/debian-faq.en.txt.gz", "debian-reference-en": None}
 
 
@@ -92,16 +110,31 @@ class Frontier:
         self.source = load_source(args.model)
         self.original = convert(self.source, loops=1, progress=False)
         self.original_params = int(self.original.param_counts()["non_embedding"])
+        self.original_total = int(self.original.param_counts()["total"])
         tokenizer = self.source.tokenizer
         self.evals = {"heldout": args.data, "manuals": str(debian_manuals()), "licenses": str(license_prose())}
         self.tokens = {
             name: load_tokens(spec, tokenizer, "heldout", args.eval_tokens, teacher=self.original) for name, spec in self.evals.items()
         }
         self.reference = {name: self._ppl(self.original, name) for name in self.evals}
-        rows = heldout_rows(args.data, tokenizer, args.eval_tokens, SEQ_LEN, 0, self.original)
-        assert rows is not None
-        self.curve_reference = exit_metrics(ExitModel(self.original, None, exits=False), None, rows, 4, "fp32")["ppl"]
+        self.train_data = args.train_data or args.data
+        self.curve_reference = self._curve_reference(self.train_data)
         self.work = cache_root() / "quality_frontier"
+
+    def _curve_reference(self, spec: str) -> float:
+        """The original's perplexity on the held-out rows healing evaluates (those of its training data)."""
+        rows = heldout_rows(spec, self.source.tokenizer, self.args.eval_tokens, SEQ_LEN, 0, self.original)
+        assert rows is not None
+        return float(exit_metrics(ExitModel(self.original, None, exits=False), None, rows, 4, "fp32")["ppl"])
+
+    def tasks(self, model: RecursiveModel) -> dict[str, dict[str, float]]:
+        """acc / acc_norm on each of ``--tasks`` (0-shot, the first ``--task-limit`` questions)."""
+        scores = {}
+        for name in self.args.tasks:
+            task = load_task(bigbench_task_path(name), name)
+            result = evaluate_task(model, task, shots=0, seed=0, limit=self.args.task_limit, batch_size=8, precision="fp32")
+            scores[name] = {"acc": result.acc, "acc_norm": result.acc_norm, "n": result.n}
+        return scores
 
     def _ppl(self, model: RecursiveModel, name: str, teacher: RecursiveModel | None = None) -> Any:
         return evaluate_perplexity(model, self.tokens[name], ctx=self.args.ctx, teacher=teacher, progress=False)
@@ -127,48 +160,75 @@ class Frontier:
 
     # --- conversion ---------------------------------------------------------------------------
 
-    def budget(self, size: float) -> int:
+    def budget(self, size: float | str) -> int:
+        """Parameters an arm may have: a float is a share of the non-embedding ones, "total:T" of all of them."""
+        if isinstance(size, str):
+            return int(float(size.removeprefix("total:")) * self.original_total)
         return int(size * self.original_params)
 
-    def convert_arm(self, arm: str, size: float) -> tuple[Path, dict[str, Any]]:
+    def convert_arm(self, arm: str, size: float | str) -> tuple[Path, dict[str, Any]]:
         """The arm's initial checkpoint (converted once, kept in the work directory) and its conversion record."""
-        directory = self.work / f"init-{arm}-{size:g}"
+        directory = self.work / f"init-{arm}-{size_name(size)}"
         record_file = directory / "conversion.json"
         if record_file.is_file():
-            return directory, json.loads(record_file.read_text())
+            record = json.loads(record_file.read_text())
+            if "total_params" not in record:  # converted before the record counted the vocabulary
+                counts = load(directory).param_counts()
+                record.update(total_params=int(counts["total"]), total_ratio=float(counts["ratio"]), vocab_share=1.0)
+                write_json(record_file, record)
+            return directory, record
         budget = self.budget(size)
         extra: dict[str, Any] = {}
         if arm == "plan":  # the search is a one-off design cost per (model, size, data), reported apart
             began = time.process_time()
             space = PlanSpace(loops=tuple(self.args.plan_loops), preludes=tuple(self.args.plan_preludes), codas=tuple(self.args.plan_codas))
-            choice = search_plan(self.source, budget, self.args.data, self.args.calib_tokens, space=space, progress=False)
+            shares = tuple(self.args.vocab_shares) if isinstance(size, str) else None
+            choice = search_plan(
+                self.source, budget, self.args.data, self.args.calib_tokens, space=space, progress=False, vocab_shares=shares
+            )
             extra = {"plan_search_cpu_minutes": (time.process_time() - began) / 60, "plan": choice.model.report["plan"]}
             del choice
         began = time.process_time()
         model, note = self._convert(arm, size, budget, extra.get("plan"))
         cpu = (time.process_time() - began) / 60
         counts = model.param_counts()
-        record = {"convert_cpu_minutes": cpu, "params": int(counts["non_embedding"] + counts["lora"]), "note": note, **extra}
+        record = {
+            "convert_cpu_minutes": cpu, "params": int(counts["non_embedding"] + counts["lora"]), "total_params": int(counts["total"]),
+            "total_ratio": float(counts["ratio"]), "embedding": model.embedding_counts(), "note": note,
+            "vocab_share": (extra.get("plan") or {}).get("chosen", {}).get("vocab_share", 1.0), **extra,
+        }  # fmt: skip
         record["init"] = self.measure(model)
         model.save_pretrained(directory, overwrite=True)
         write_json(record_file, record)
-        print(f"  converted {arm} @ {size:g}: {record['params'] / 1e6:.1f}M params, {cpu:.2f} CPU-min; {note}", flush=True)
+        print(f"  converted {arm} @ {size_name(size)}: {record['params'] / 1e6:.1f}M params, {cpu:.2f} CPU-min; {note}", flush=True)
         return directory, record
 
-    def _convert(self, arm: str, size: float, budget: int, plan: dict[str, Any] | None) -> tuple[RecursiveModel, str]:
+    def _convert(self, arm: str, size: float | str, budget: int, plan: dict[str, Any] | None) -> tuple[RecursiveModel, str]:
         data, calib_tokens = self.args.data, self.args.calib_tokens
+        if isinstance(size, str) and arm != "plan":
+            raise SystemExit(f"--total-sizes rows are plan rows (the search chooses the vocabulary), not {arm!r}")
         if arm == "plan":  # converting with the chosen plan: what a user who knows the plan pays
             assert plan is not None
-            chosen = plan["chosen"]
-            lora = next(c["lora_budget"] for c in plan["candidates"] if all(c[k] == v for k, v in chosen.items()))
-            model = convert(
-                self.source, **chosen, init="average", lora_init="asvd", lora_params=lora, calib=data, calib_tokens=calib_tokens
+            chosen = dict(plan["chosen"])
+            share = chosen.pop("vocab_share", 1.0)
+            vocabulary = {k: chosen.pop(k) for k in ("embed_rank", "head_rank") if k in chosen}
+            lora = next(
+                c["lora_budget"] for c in plan["candidates"] if all(c[k] == v for k, v in chosen.items()) and c["vocab_share"] == share
             )
+            model = convert(
+                self.source, **chosen, init="average", lora_init="asvd", lora_params=lora, calib=data, calib_tokens=calib_tokens,
+                **vocabulary,
+            )  # fmt: skip
             model.report["plan"] = plan
+            vocab_note = ""
+            if vocabulary:
+                vocab_note = f", vocabulary {share:g} (embed rank {vocabulary['embed_rank']}, head rank {vocabulary['head_rank']})"
             return (
                 model,
-                f"loops {chosen['loops']}, prelude {chosen['prelude']}, coda {chosen['coda']}, LoRA budget {lora:,}: {plan['reason']}",
+                f"loops {chosen['loops']}, prelude {chosen['prelude']}, coda {chosen['coda']}{vocab_note}, LoRA budget {lora:,}: "
+                f"{plan['reason']}",
             )
+        assert isinstance(size, float)
         loops = 2 if size >= 0.5 else 3
         if arm == "cycle":
             base, _ = base_params(self.original.arch, loops, 0, 0, "per-depth")
@@ -197,7 +257,7 @@ class Frontier:
         """Local healing for --local-share of ``minutes`` (not for the paper recipe), then KD; the healed model in ``out``."""
         local = 0.0 if arm == "paper" else self.args.local_share * minutes
         config = HealConfig(
-            str(init), str(out), self.args.data, teacher=self.args.model, calib_tokens=self.args.calib_tokens, minutes=local,
+            str(init), str(out), self.train_data, teacher=self.args.model, calib_tokens=self.args.calib_tokens, minutes=local,
             kd_minutes=minutes - local, seq_len=SEQ_LEN, eval_tokens=self.args.eval_tokens, eval_every_minutes=self.args.curve_every,
             kd_eval_every=self.args.kd_eval_every, teacher_cache=self.args.teacher_cache, overwrite=True, quiet=True,
         )  # fmt: skip
@@ -238,6 +298,16 @@ def paper_rank(original: RecursiveModel, loops: int, budget: int) -> int:
 # --- results ---------------------------------------------------------------------------------
 
 
+def size_name(size: float | str) -> str:
+    """0.55 -> "0.55" (of the non-embedding parameters); "total:0.35" -> "total0.35" (of all of them)."""
+    return f"{size:g}" if isinstance(size, float) else size.replace(":", "")
+
+
+def row_key(row: dict[str, Any]) -> tuple[Any, ...]:
+    """What makes two rows the same run (rows of older results default to the dense vocabulary and ``data``)."""
+    return row["arm"], row["size"], row["budget"], row.get("vocab_share", 1.0), row.get("train_data")
+
+
 def load_results(path: Path, resume: bool) -> dict[str, Any]:
     if resume and path.is_file():
         return json.loads(path.read_text())
@@ -256,7 +326,7 @@ def summarise(results: dict[str, Any], original_params: int) -> None:
             results[f"best_half_ppl_ratio_{minutes}min{suffix}"] = best["ratio"][metric] if best else None
             results[f"best_half_{minutes}min{suffix}_arm"] = best["arm"] if best else None
     versus = {}
-    for size in sorted({r["size"] for r in rows}):
+    for size in sorted({r["size"] for r in rows if isinstance(r["size"], float)}):
         for budget in sorted({r["budget"] for r in rows}):
             same = [r for r in rows if r["size"] == size and r["budget"] == budget]
             recursive = [r["ppl"]["heldout"] for r in same if r["arm"] in ("plan", "cycle")]
@@ -264,53 +334,93 @@ def summarise(results: dict[str, Any], original_params: int) -> None:
             if recursive and dropped:
                 versus[f"{size:g}@{budget:g}min"] = min(recursive) / min(dropped)
     results["recursive_vs_layerdrop_ppl"] = versus
-    to_2x: dict[str, float | None] = {}
-    for r in rows:
-        points = [p for p in r.get("curve", []) if p["ratio"] <= 2.0]
-        to_2x[f"{r['arm']}@{r['size']:g}/{r['budget']:g}min"] = (
-            r["convert_cpu_minutes"] + points[0]["train_cpu_minutes"] if points else None
-        )
-    results["cpu_minutes_to_2x"] = to_2x
+    for key, ratio in RATIOS.items():
+        reached: dict[str, float | None] = {}
+        for r in rows:
+            points = [p for p in r.get("curve", []) if p["ratio"] <= ratio]
+            reached[row_label(r)] = r["convert_cpu_minutes"] + points[0]["train_cpu_minutes"] if points else None
+        results[f"cpu_minutes_to_{key}"] = reached
+    results["factorised_vs_dense_20min"] = factorised_vs_dense(rows, 20)
+
+
+def row_label(row: dict[str, Any]) -> str:
+    share = row.get("vocab_share", 1.0)
+    return f"{row['arm']}{f'+vocab{share:g}' if share < 1 else ''}@{size_name(row['size'])}/{row['budget']:g}min"
+
+
+def factorised_vs_dense(rows: list[dict[str, Any]], minutes: float) -> dict[str, Any] | None:
+    """The best factorised-vocabulary row at <= TOTAL_SMALL x the original's total parameters against the best
+    dense-vocabulary row at <= TOTAL_HALF x, both within ``minutes`` CPU-minutes: held-out perplexity ratio."""
+    within = [r for r in rows if 0 < r["budget"] <= minutes and "total_ratio" in r]
+    small = [r for r in within if r.get("vocab_share", 1.0) < 1 and r["total_ratio"] <= TOTAL_SMALL]
+    dense = [r for r in within if r.get("vocab_share", 1.0) == 1 and r["total_ratio"] <= TOTAL_HALF]
+    if not small or not dense:
+        return None
+    best_small = min(small, key=lambda r: r["ppl"]["heldout"])
+    best_dense = min(dense, key=lambda r: r["ppl"]["heldout"])
+    return {
+        "ppl_ratio": best_small["ppl"]["heldout"] / best_dense["ppl"]["heldout"],
+        "manuals_ppl_ratio": best_small["ppl"]["manuals"] / best_dense["ppl"]["manuals"],
+        "factorised": row_label(best_small), "factorised_total_ratio": best_small["total_ratio"],
+        "dense": row_label(best_dense), "dense_total_ratio": best_dense["total_ratio"],
+    }  # fmt: skip
 
 
 def pareto_plot(results: dict[str, Any], path: Path) -> None:
-    """Parameters vs held-out perplexity ratio: one line per budget (recursive solid, baselines dashed)."""
+    """Parameters vs held-out perplexity ratio, one line per budget (recursive solid, baselines dashed): left the
+    non-embedding + per-depth parameters; right the total, embedding included, where factorised vocabularies
+    (``--total-sizes``) are the hollow markers."""
     plt = pyplot()
-    figure, axis = plt.subplots(figsize=(7, 4.5))
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     rows = [r for r in results["rows"] if "ppl" in r]
     for index, budget in enumerate(sorted({r["budget"] for r in rows})):
         color = f"C{index}"
         for baseline, style in ((False, "-o"), (True, "--s")):
-            chosen: dict[float, dict[str, Any]] = {}
+            chosen: dict[tuple[float, float], dict[str, Any]] = {}
             for r in rows:
                 if r["budget"] == budget and (r["arm"] in BASELINES) == baseline:
-                    best = chosen.get(r["size"])
+                    key = (r["size"], r.get("vocab_share", 1.0))
+                    best = chosen.get(key)
                     if best is None or r["ratio"]["heldout"] < best["ratio"]["heldout"]:
-                        chosen[r["size"]] = r
-            points = sorted(chosen.values(), key=lambda r: r["params"])
+                        chosen[key] = r
+            label = f"{budget:g} CPU-min, {'best baseline' if baseline else 'best recursive'}"
+            dense = sorted((r for r in chosen.values() if r.get("vocab_share", 1.0) == 1), key=lambda r: r["params"])
+            if dense:
+                axes[0].plot([p["params"] / 1e6 for p in dense], [p["ratio"]["heldout"] for p in dense], style, color=color, label=label)
+            points = sorted(chosen.values(), key=lambda r: r["total_params"])
             if points:
-                label = f"{budget:g} CPU-min, {'best baseline' if baseline else 'best recursive'}"
-                axis.plot([p["params"] / 1e6 for p in points], [p["ratio"]["heldout"] for p in points], style, color=color, label=label)
-    axis.set_yscale("log")
-    axis.set_xlabel("non-embedding + per-depth parameters (M)")
-    axis.set_ylabel("held-out perplexity / original's")
-    axis.axhline(1.0, color="grey", lw=0.8)
-    axis.legend(fontsize=8)
+                axes[1].plot([p["total_params"] / 1e6 for p in points], [p["ratio"]["heldout"] for p in points], style, color=color)
+                factorised = [p for p in points if p.get("vocab_share", 1.0) < 1]
+                hollow = ([p["total_params"] / 1e6 for p in factorised], [p["ratio"]["heldout"] for p in factorised])
+                axes[1].plot(*hollow, "o", mfc="white", color=color)
+    axes[0].set_yscale("log")
+    axes[0].set_xlabel("non-embedding + per-depth parameters (M)")
+    axes[1].set_xlabel("total parameters, embedding included (M); hollow: factorised vocabulary")
+    axes[0].set_ylabel("held-out perplexity / original's")
+    for axis in axes:
+        axis.axhline(1.0, color="grey", lw=0.8)
+    axes[0].legend(fontsize=8)
     save_figure(figure, path)
     plt.close(figure)
 
 
 def print_table(results: dict[str, Any]) -> None:
-    print(f"{'arm':<16}{'size':>6}{'budget':>7}{'params M':>9}{'CPU-min':>8}{'KL':>7}{'ppl':>9}", end="")
-    print(f"{'x orig':>8}{'x manuals':>10}{'x licenses':>11}")
+    print(f"{'arm':<22}{'size':>10}{'budget':>7}{'params M':>9}{'total':>7}{'CPU-min':>8}{'KL':>7}{'ppl':>10}", end="")
+    print(f"{'x orig':>8}{'x manuals':>10}{'x licenses':>11}{'tasks':>7}")
     for r in results["rows"]:
         if "ppl" not in r:
             continue
         ratio = r["ratio"]
+        share = r.get("vocab_share", 1.0)
+        arm = r["arm"] + (f"+vocab{share:g}" if share < 1 else "") + ("*" if r.get("train_data") != results["data"] else "")
+        tasks = r.get("tasks", {})
+        mean_acc = f"{sum(t['acc'] for t in tasks.values()) / len(tasks):.2f}" if tasks else "-"
         print(
-            f"{r['arm']:<16}{r['size']:>6g}{r['budget']:>7g}{r['params'] / 1e6:>9.1f}{r['cpu_minutes']:>8.1f}{r['kl']:>7.2f}"
-            f"{r['ppl']['heldout']:>9.4g}{ratio['heldout']:>8.2f}{ratio['manuals']:>10.2f}{ratio['licenses']:>11.2f}"
+            f"{arm:<22}{size_name(r['size']):>10}{r['budget']:>7g}{r['params'] / 1e6:>9.1f}{r['total_ratio']:>7.3f}{r['cpu_minutes']:>8.1f}"
+            f"{r['kl']:>7.2f}{r['ppl']['heldout']:>10.4g}{ratio['heldout']:>8.2f}{ratio['manuals']:>10.2f}{ratio['licenses']:>11.2f}"
+            f"{mean_acc:>7}"
         )
+    print("total: x the original's parameters, embedding included; tasks: mean acc over --tasks; *: trained on --train-data")
 
 
 def cache_bench(frontier: Frontier, results: dict[str, Any], minutes: float, save: Callable[[], None]) -> None:
@@ -345,9 +455,18 @@ def main() -> None:
     parser.add_argument(
         "--data", default="teacher:64000", help="trains and calibrates (train split); its held-out split is the primary evaluation"
     )
-    parser.add_argument("--sizes", type=float, nargs="+", default=[HALF, 0.35], help="fractions of the original's non-embedding parameters")
+    parser.add_argument("--sizes", type=float, nargs="*", default=[HALF, 0.35], help="fractions of the original's non-embedding parameters")
     parser.add_argument("--budgets", type=float, nargs="+", default=[20.0, 60.0], help="CPU-minutes per row, conversion included")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    parser.add_argument("--train-data", default=None, help="trains instead of --data (calibration and held-out evaluation stay on --data)")
+    parser.add_argument(
+        "--total-sizes", type=float, nargs="*", default=[], help="plan rows at these fractions of the original's total parameters"
+    )
+    parser.add_argument(
+        "--vocab-shares", type=float, nargs="+", default=[1.0, 0.5, 0.35], help="vocabulary shares the --total-sizes plan search tries"
+    )
+    parser.add_argument("--tasks", nargs="*", default=list(TASKS), help="BIG-bench tasks scored on every trained row (none: skip)")
+    parser.add_argument("--task-limit", type=int, default=50, help="questions per task")
     parser.add_argument("--calib-tokens", type=int, default=16384)
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--ctx", type=int, default=256)
@@ -365,9 +484,17 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true", help="keep the rows already in the JSON and the converted inits")
     parser.add_argument("--results", type=Path, default=RESULTS, help="the JSON to write (the plot goes beside it)")
     args = parser.parse_args()
+    if not all(0 < share <= 1 for share in args.vocab_shares):
+        parser.error(f"--vocab-shares must be in (0, 1], got {args.vocab_shares}")
 
     frontier = Frontier(args)
     results = load_results(args.results, args.resume)
+    vocabulary = int(frontier.original.param_counts()["total"]) - frontier.original_params
+    for old in results["rows"]:  # rows written before these fields existed: the dense vocabulary, trained on --data
+        old.setdefault("vocab_share", 1.0)
+        old.setdefault("train_data", results.get("data", args.data))
+        old.setdefault("total_params", old["params"] + vocabulary)
+        old.setdefault("total_ratio", old["total_params"] / frontier.original.param_counts()["total"])
     results.update(
         model=args.model, data=args.data, eval_sets=frontier.evals, eval_tokens=args.eval_tokens, ctx=args.ctx,
         original_params=frontier.original_params, original_ppl={k: v.value for k, v in frontier.reference.items()},
@@ -383,46 +510,57 @@ def main() -> None:
         f"original: {frontier.original_params / 1e6:.1f}M non-embedding; held-out ppl "
         + ", ".join(f"{k} {v.value:.2f}" for k, v in frontier.reference.items())
     )
-    done = {(r["arm"], r["size"], r["budget"]) for r in results["rows"]}
-    for size in args.sizes:
-        for arm in args.arms:
-            init, record = frontier.convert_arm(arm, size)
-            budgets = [0.0] if args.init_only else args.budgets
-            for budget in budgets:
-                if (arm, size, budget) in done:
-                    continue
-                row: dict[str, Any] = {"arm": arm, "size": size, "budget": budget, "params": record["params"], "note": record["note"]}
-                row["convert_cpu_minutes"] = record["convert_cpu_minutes"]
-                if "plan" in record:
-                    row["plan_search_cpu_minutes"] = record["plan_search_cpu_minutes"]
-                    results.setdefault("plans", {})[f"{size:g}"] = record["plan"]
-                train_minutes = budget - record["convert_cpu_minutes"]
-                if budget == 0.0:
-                    row.update(cpu_minutes=record["convert_cpu_minutes"], **record["init"])
-                elif train_minutes <= 0:
-                    row["skipped"] = f"conversion alone took {record['convert_cpu_minutes']:.1f} CPU-minutes"
-                else:
-                    out = frontier.work / f"run-{arm}-{size:g}-{budget:g}"
-                    row.update(frontier.train_arm(arm, init, train_minutes, out))
-                    row["cpu_minutes"] = row["convert_cpu_minutes"] + row["local_cpu_minutes"] + row["kd_cpu_minutes"]
-                    row.update(frontier.measure(load(out)))
-                    shutil.rmtree(out, ignore_errors=True)
-                cache = row.get("teacher_cache") or {}
-                if cache.get("built"):
-                    results["teacher_cache_cpu_minutes"] = cache["cpu_minutes"]
-                results["rows"].append(row)
-                save()
-                if "ppl" in row:
-                    print(
-                        f"  {arm} @ {size:g}, {budget:g} min: ppl {row['ppl']['heldout']:.4g} ({row['ratio']['heldout']:.2f}x)", flush=True
-                    )
+    if args.tasks and set(args.tasks) - set(results.get("original_tasks", {})):
+        results["original_tasks"] = frontier.tasks(frontier.original)
+    train_data = frontier.train_data
+    done = {row_key(r) for r in results["rows"]}
+    jobs: list[tuple[float | str, str]] = [(size, arm) for size in args.sizes for arm in args.arms]
+    jobs += [(f"total:{size:g}", "plan") for size in args.total_sizes]
+    for size, arm in jobs:
+        init, record = frontier.convert_arm(arm, size)
+        budgets = [0.0] if args.init_only else args.budgets
+        for budget in budgets:
+            row: dict[str, Any] = {
+                "arm": arm, "size": size, "budget": budget, "vocab_share": record["vocab_share"], "train_data": train_data,
+                "params": record["params"], "total_params": record["total_params"], "total_ratio": record["total_ratio"],
+                "note": record["note"],
+            }  # fmt: skip
+            if row_key(row) in done:
+                continue
+            row["convert_cpu_minutes"] = record["convert_cpu_minutes"]
+            if "plan" in record:
+                row["plan_search_cpu_minutes"] = record["plan_search_cpu_minutes"]
+                results.setdefault("plans", {})[size_name(size)] = record["plan"]
+            train_minutes = budget - record["convert_cpu_minutes"]
+            if budget == 0.0:
+                row.update(cpu_minutes=record["convert_cpu_minutes"], **record["init"])
+            elif train_minutes <= 0:
+                row["skipped"] = f"conversion alone took {record['convert_cpu_minutes']:.1f} CPU-minutes"
+            else:
+                out = frontier.work / f"run-{init.name.removeprefix('init-')}-{budget:g}"
+                row.update(frontier.train_arm(arm, init, train_minutes, out), curve_reference=frontier.curve_reference)
+                row["cpu_minutes"] = row["convert_cpu_minutes"] + row["local_cpu_minutes"] + row["kd_cpu_minutes"]
+                trained = load(out)
+                row.update(frontier.measure(trained))
+                if args.tasks:
+                    row["tasks"] = frontier.tasks(trained)
+                del trained
+                shutil.rmtree(out, ignore_errors=True)
+            cache = row.get("teacher_cache") or {}
+            if cache.get("built"):
+                results["teacher_cache_cpu_minutes"] = cache["cpu_minutes"]
+            results["rows"].append(row)
+            save()
+            if "ppl" in row:
+                ppl, ratio = row["ppl"]["heldout"], row["ratio"]["heldout"]
+                print(f"  {arm} @ {size_name(size)}, {budget:g} min: ppl {ppl:.4g} ({ratio:.2f}x)", flush=True)
     if args.cache_bench > 0:
         cache_bench(frontier, results, args.cache_bench, save)
     save()
     if any("ppl" in r for r in results["rows"]):
         pareto_plot(results, args.results.with_suffix(".png"))
     print_table(results)
-    print({k: v for k, v in results.items() if k.startswith(("best_", "recursive_vs", "cpu_minutes_to"))})
+    print({k: v for k, v in results.items() if k.startswith(("best_", "recursive_vs", "cpu_minutes_to", "factorised"))})
     print(f"wrote {args.results}")
 
 

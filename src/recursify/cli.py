@@ -25,6 +25,7 @@ from recursify.config import (
     SHARED_FITS,
     SHARED_INITS,
     STRATEGIES,
+    VOCAB_SHARES,
     RecursionConfig,
     SamplingConfig,
     parse_embed_rank,
@@ -59,6 +60,16 @@ def _embed_rank(value: str) -> int | str:
         return parse_embed_rank(value, "rank")
     except ConfigError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _share(value: str) -> float:
+    try:
+        share = float(value)
+    except ValueError:
+        share = float("nan")
+    if not 0 < share <= 1:  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"a share must be a fraction in (0, 1], got {value!r}")
+    return share
 
 
 def _relax(value: str) -> str:
@@ -109,7 +120,12 @@ def cmd_convert(args: argparse.Namespace) -> None:
         quiet_transformers()
     vocabulary_options = args.embed_rank != "full" or args.head_rank is not None or args.embed_params is not None
     if vocabulary_options and (args.keep_layers is not None or args.plan == "auto"):
-        raise ConfigError("--embed-rank/--head-rank/--embed-params apply to a plain conversion, not yet to --plan auto or --keep-layers")
+        raise ConfigError(
+            "--embed-rank/--head-rank/--embed-params apply to a plain conversion; --plan auto chooses the vocabulary itself with "
+            "--target-total (and --vocab-shares), --keep-layers keeps it dense"
+        )
+    if args.plan != "auto" and (args.target_total is not None or args.vocab_shares is not None):
+        raise ConfigError("--target-total and --vocab-shares are the budget of --plan auto; add --plan auto")
     if args.keep_layers is not None:
         model = _dropped_model(args)
     elif args.plan == "auto":
@@ -171,14 +187,21 @@ def _refuse_plan_options(args: argparse.Namespace, what: str, allowed: tuple[str
 def _auto_plan_model(args: argparse.Namespace) -> Any:
     from recursify.conversion.plan_search import format_plan_search, search_plan
 
-    if args.target_params is None:
-        raise ConfigError("--plan auto needs a budget: pass --target-params (e.g. 55M non-embedding + per-depth parameters)")
+    if (args.target_params is None) == (args.target_total is None):
+        raise ConfigError(
+            "--plan auto needs one budget: --target-params (e.g. 55M non-embedding + per-depth parameters) or --target-total "
+            "(e.g. 47M, every parameter: the vocabulary is factorised where that pays)"
+        )
+    if args.vocab_shares is not None and args.target_total is None:
+        raise ConfigError("--vocab-shares go with --target-total (a budget that counts the vocabulary)")
     _refuse_plan_options(args, "--plan auto", allowed=("--init", "--lora-init"))
     init = args.init if args.init != RecursionConfig().init else "average"  # auto's default: average, the best init measured
     lora_init = args.lora_init if args.lora_init != RecursionConfig().lora_init else "asvd"
+    total = args.target_total is not None
     choice = search_plan(
-        args.model, args.target_params, args.calib, args.calib_tokens, init=init, lora_init=lora_init, norms=args.norms,
-        seed=args.seed, progress=not args.quiet,
+        args.model, args.target_total if total else args.target_params, args.calib, args.calib_tokens, init=init, lora_init=lora_init,
+        norms=args.norms, seed=args.seed, progress=not args.quiet, embed_init=args.embed_init,
+        vocab_shares=tuple(args.vocab_shares or VOCAB_SHARES) if total else None,
     )  # fmt: skip
     if not args.quiet:
         print(format_plan_search(choice))
@@ -645,9 +668,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--plan",
         choices=("auto",),
         default=None,
-        help="auto: compare plans (loops, prelude, coda, LoRA ranks) under --target-params by calibration KL; needs --calib",
+        help="auto: compare plans (loops, prelude, coda, LoRA ranks) under --target-params or --target-total by calibration KL; "
+        "needs --calib",
     )
     convert.add_argument("--target-params", default=None, help="budget of --plan auto: non-embedding + per-depth parameters, e.g. 55M")
+    convert.add_argument(
+        "--target-total",
+        default=None,
+        help="budget of --plan auto counting every parameter, embedding and head included, e.g. 47M: each plan is also tried with "
+        "a factorised vocabulary (--vocab-shares), trading embedding rank against LoRA and loops",
+    )
+    convert.add_argument(
+        "--vocab-shares",
+        type=_share,
+        nargs="+",
+        default=None,
+        help="with --target-total: the vocabulary parameters to try, as shares of the dense ones "
+        f"(default: {' '.join(map(str, VOCAB_SHARES))})",
+    )
     convert.add_argument(
         "--keep-layers", type=_positive_int, default=None, help="instead: the layer-dropped baseline, K original layers (loops 1)"
     )

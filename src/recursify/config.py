@@ -19,6 +19,8 @@ LINEARS: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
 RELAX_KINDS: tuple[str, ...] = ("lora", "lora-xs", "prefix:N", "bias")
 EMBED_INITS: tuple[str, ...] = ("weighted", "svd")
 CALIB_TOKENS = 16384  # calibration tokens streamed through the original by data-aware conversion
+# --plan auto --target-total: vocabulary sizes tried, as shares of the dense embedding + head parameters
+VOCAB_SHARES = (1.0, 0.5, 0.35)
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16")  # what a forward computes in; "auto" picks one from the hardware where offered
 
 

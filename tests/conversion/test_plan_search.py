@@ -90,3 +90,62 @@ def test_cli_plan_auto_records_the_plan(source: tuple[Path, Path], tmp_path: Pat
     assert load(tmp_path / "auto").report["plan"]["target_params"] == 85_000
     assert main(["convert", "--model", str(directory), "--plan", "auto", "--out", str(tmp_path / "x")]) == 2
     assert "--target-params" in capsys.readouterr().err
+
+
+def test_a_total_budget_trades_the_vocabulary_against_the_blocks(source: tuple[Path, Path]) -> None:
+    directory, text = source
+    reference = convert(directory, loops=1, progress=False)
+    vocab = int(reference.param_counts()["embedding"])
+    budget = 85_000 + vocab // 2  # the dense vocabulary leaves too little for 4 unique layers; half of it leaves room
+    choice = search_plan(
+        directory, budget, str(text), calib_tokens=2000, space=SPACE, eval_tokens=512, progress=False, vocab_shares=(1.0, 0.5)
+    )
+    converted = [c for c in choice.candidates if c.kl is not None]
+    assert {c.vocab_share for c in converted} == {1.0, 0.5}
+    assert all(c.vocab == (vocab if c.vocab_share == 1 else vocab // 2) for c in choice.candidates)
+    assert all(c.params <= budget for c in converted)
+    # more plans fit with the smaller vocabulary, and each gets more LoRA
+    dense = {(c.loops, c.prelude, c.coda): c for c in converted if c.vocab_share == 1}
+    half = {(c.loops, c.prelude, c.coda): c for c in converted if c.vocab_share == 0.5}
+    assert set(dense) < set(half)
+    assert all(half[plan].lora_budget > dense[plan].lora_budget for plan in dense)
+    assert choice.chosen is min(converted, key=lambda c: (c.kl, c.params))
+    counts = choice.model.param_counts()
+    assert counts["total"] == choice.chosen.params <= budget
+    report = choice.model.report["plan"]
+    assert report["counts_vocabulary"] and len(report["candidates"]) == 2 * len(SPACE.plans(6))
+    # the factor shapes chosen once per share reproduce a direct --embed-params conversion of any plan
+    last = [c for c in converted if c.vocab_share == 0.5][-1]
+    common = dict(init="average", lora_init="asvd", calib=str(text), calib_tokens=2000, progress=False)
+    direct = convert(
+        directory, loops=last.loops, prelude=last.prelude, coda=last.coda, lora_params=last.lora_budget, embed_params=last.vocab, **common
+    )  # type: ignore[arg-type]
+    rows = pack(load_tokens(str(text), tiny_tokenizer(), "train", 512), 256)
+    assert last.kl == pytest.approx(_kl(direct, reference, rows), rel=2e-3, abs=2e-3)
+    assert direct.param_counts()["total"] == last.params
+    assert ", vocabulary 0.5" in format_plan_search(choice) and "vocab (M)" in format_plan_search(choice)
+
+
+def test_cli_plan_auto_with_a_total_budget(source: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    directory, text = source
+    vocab = int(convert(directory, loops=1, progress=False).param_counts()["embedding"])
+    args = ["convert", "--model", str(directory), "--plan", "auto", "--calib", str(text), "--calib-tokens", "2000"]
+    total = str(85_000 + vocab // 2)
+    assert main([*args, "--target-total", total, "--vocab-shares", "1", "0.5", "--out", str(tmp_path / "auto")]) == 0
+    assert "<- chosen" in capsys.readouterr().out
+    model = load(tmp_path / "auto")
+    assert model.param_counts()["total"] <= int(total) and model.report["plan"]["counts_vocabulary"]
+    refusals = {
+        ("--target-total", total, "--target-params", "85k"): "one budget",
+        ("--target-params", "85k", "--vocab-shares", "0.5"): "--vocab-shares go with --target-total",
+        ("--target-total", total, "--embed-params", "1k"): "chooses the vocabulary itself",
+    }
+    for extra, message in refusals.items():
+        assert main([*args, *extra, "--out", str(tmp_path / "x")]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["convert", "--model", str(directory), "--target-total", total, "--out", str(tmp_path / "x")]) == 2
+    assert "add --plan auto" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*args, "--target-total", total, "--vocab-shares", "1.5", "--out", str(tmp_path / "x")])
+    assert "a share must be a fraction in (0, 1]" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

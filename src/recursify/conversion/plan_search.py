@@ -8,6 +8,13 @@ whitened residual energy is largest, ``conversion/rank_budget.py``). Each plan t
 (average init, activation-aware SVD, both from one calibration pass over the original) and scored by
 the KL(original || converted) on calibration tokens at initialisation; the lowest wins. On a CPU the
 initialisation decides most of what healing can reach, so the plan is chosen there.
+
+With ``vocab_shares`` (``convert --plan auto --target-total P``) the budget counts every parameter, the
+input embedding and the head included, and each plan is also tried with a factorised vocabulary
+(``--embed-params`` at each share of the dense vocabulary's parameters): what the vocabulary gives up
+goes to unique layers and LoRA, so the search trades embedding rank against LoRA rank and loops. The
+factor shapes a share gets are chosen once (by their KL on the original alone) and reused for every
+plan, which keeps the search at one vocabulary fit per share.
 """
 
 from __future__ import annotations
@@ -55,8 +62,11 @@ class PlanCandidate:
     Attributes:
         base: non-embedding parameters of the plan without LoRA (unique layers, per-depth norms, final norm).
         lora_budget: what is left of the budget for per-depth parameters (negative: the plan does not fit).
-        params: non-embedding + per-depth parameters of the converted model (0 when not converted).
+        params: the budgeted parameters of the converted model (0 when not converted): non-embedding +
+            per-depth, plus the vocabulary's when the budget is the total.
         kl: KL(original || converted) on the calibration tokens, nats per token (None when not converted).
+        vocab_share: the factorised vocabulary's share of the dense one's parameters (1.0 = dense).
+        vocab: parameters the vocabulary is charged (0 when the budget leaves it out).
     """
 
     loops: int
@@ -66,25 +76,39 @@ class PlanCandidate:
     lora_budget: int
     params: int = 0
     kl: float | None = None
+    vocab_share: float = 1.0
+    vocab: int = 0
 
     @property
     def name(self) -> str:
-        return f"loops {self.loops}, prelude {self.prelude}, coda {self.coda}"
+        plan = f"loops {self.loops}, prelude {self.prelude}, coda {self.coda}"
+        if not self.vocab:
+            return plan
+        return plan + (f", vocabulary {self.vocab_share:g}" if self.vocab_share < 1 else ", dense vocabulary")
+
+    @property
+    def key(self) -> tuple[int, int, int, float]:
+        return self.loops, self.prelude, self.coda, self.vocab_share
 
 
 @dataclass
 class PlanChoice:
-    """The outcome: the chosen model and every candidate, as recorded in its config.json ``report["plan"]``."""
+    """The outcome: the chosen model, its candidate and every candidate, as recorded in its config.json ``report["plan"]``."""
 
     model: RecursiveModel
     candidates: list[PlanCandidate] = field(default_factory=list)
     reason: str = ""
+    chosen: PlanCandidate | None = None
 
     def to_dict(self, target_params: int) -> dict[str, Any]:
         best = self.model.recursion
+        chosen: dict[str, Any] = {"loops": best.loops, "prelude": best.prelude, "coda": best.coda}
+        if self.chosen is not None and self.chosen.vocab:
+            chosen.update(vocab_share=self.chosen.vocab_share, embed_rank=best.embed_rank, head_rank=best.head_rank)
         return {
             "target_params": target_params,
-            "chosen": {"loops": best.loops, "prelude": best.prelude, "coda": best.coda},
+            "counts_vocabulary": any(c.vocab for c in self.candidates),
+            "chosen": chosen,
             "reason": self.reason,
             "candidates": [asdict(c) for c in self.candidates],
         }
@@ -119,17 +143,23 @@ def search_plan(
     eval_tokens: int = 2048,
     seed: int = 0,
     progress: bool = True,
+    vocab_shares: tuple[float, ...] | None = None,
+    embed_init: str = "weighted",
 ) -> PlanChoice:
     """Convert with every plan of ``space`` that fits ``target_params`` and keep the one of lowest calibration KL.
 
     Args:
         source: any ``--model`` source (loaded once; one calibration pass serves every candidate).
-        target_params: the budget P, e.g. "55M" (non-embedding + per-depth parameters).
+        target_params: the budget P, e.g. "55M" (non-embedding + per-depth parameters; with
+            ``vocab_shares``, every parameter).
         calib: a ``--data`` spec: its train split calibrates every candidate and scores it.
         calib_tokens: calibration tokens for the input statistics.
         space: the plans to compare (default ``PlanSpace()``).
         init, lora_init, norms: how each candidate is converted.
         eval_tokens: calibration tokens the KL is measured on (the first of the train split).
+        vocab_shares: count the vocabulary in the budget and try each plan with the vocabulary at each
+            of these shares of its dense parameters (1.0 = dense; below 1, ``--embed-params``).
+        embed_init: how factorised vocabularies are fitted (``convert --embed-init``).
     """
     from recursify.conversion.convert import (
         build_model,
@@ -147,21 +177,28 @@ def search_plan(
     budget = parse_budget(target_params)
     if not calib:
         raise ConfigError("--plan auto scores plans on calibration data: pass --calib (e.g. teacher:16k or a .txt file)")
+    if vocab_shares is not None and not (vocab_shares and all(0 < share <= 1 for share in vocab_shares)):
+        raise ConfigError(f"--vocab-shares must be fractions in (0, 1] of the dense vocabulary's parameters, got {list(vocab_shares)}")
     loaded = open_source(source)
     arch = arch_from_hf(loaded.hf_config)
     original = split_state_dict(loaded.hf_config, loaded.state_dict)
     info = SourceInfo(spec=loaded.spec, hf_config=loaded.hf_config.to_dict(), total_params=original_param_count(original))
+    dense_vocab = original.embed.numel() + (original.lm_head.numel() if original.lm_head is not None else 0)
     candidates = []
-    for loops, prelude, coda in (space or PlanSpace()).plans(arch.num_layers):
-        base, bias_residuals = base_params(arch, loops, prelude, coda, norms)
-        left = budget - base  # LoRA needs room for the bias residuals first; without it the plan fits only unrelaxed
-        lora_budget = left - bias_residuals if left >= bias_residuals else min(left, 0)
-        candidates.append(PlanCandidate(loops, prelude, coda, base, lora_budget))
+    for share in sorted(set(vocab_shares), reverse=True) if vocab_shares else [1.0]:
+        vocab = 0 if vocab_shares is None else dense_vocab if share == 1 else int(share * dense_vocab)
+        for loops, prelude, coda in (space or PlanSpace()).plans(arch.num_layers):
+            base, bias_residuals = base_params(arch, loops, prelude, coda, norms)
+            left = budget - vocab - base  # LoRA needs room for the bias residuals first; without it the plan fits only unrelaxed
+            lora_budget = left - bias_residuals if left >= bias_residuals else min(left, 0)
+            candidates.append(PlanCandidate(loops, prelude, coda, base, lora_budget, vocab_share=share, vocab=vocab))
     fitting = [c for c in candidates if c.lora_budget >= 0]
     if not fitting:
-        cheapest = min(candidates, key=lambda c: c.base)
+        cheapest = min(candidates, key=lambda c: c.base + c.vocab)
+        flag = "--target-total" if vocab_shares is not None else "--target-params"
         raise ConfigError(
-            f"no plan fits --target-params {budget:,}: the smallest ({cheapest.name}) needs {cheapest.base:,} parameters before any LoRA"
+            f"no plan fits {flag} {budget:,}: the smallest ({cheapest.name}) needs {cheapest.base + cheapest.vocab:,} parameters "
+            "before any LoRA" + ("; try smaller --vocab-shares" if vocab_shares is not None else "")
         )
     calibration = calibration_for(original, arch, norms, info, loaded.tokenizer, calib, calib_tokens, seed, progress)
     plain = RecursionConfig(loops=1, norms=norms)
@@ -171,24 +208,32 @@ def search_plan(
     targets = _log_probs(reference, rows)
     del reference
     best: RecursiveModel | None = None
+    best_candidate: PlanCandidate | None = None
     best_key = (math.inf, 0)
+    vocabularies: dict[float, dict[str, Any]] = {}  # share -> the factor shapes its first conversion chose
     for candidate in tqdm(fitting, desc="plans", unit="plan", disable=not progress):
+        vocabulary: dict[str, Any] = {}
+        if candidate.vocab_share < 1:
+            vocabulary = vocabularies.get(candidate.vocab_share) or {"embed_params": candidate.vocab}
         model = convert(
             loaded, loops=candidate.loops, prelude=candidate.prelude, coda=candidate.coda, init=init, lora_init=lora_init,
             norms=norms, calib=calibration, lora_params=max(candidate.lora_budget, 0), seed=seed, progress=False,
+            embed_init=embed_init, **vocabulary,
         )  # fmt: skip
+        if candidate.vocab_share < 1 and candidate.vocab_share not in vocabularies:
+            vocabularies[candidate.vocab_share] = {"embed_rank": model.recursion.embed_rank, "head_rank": model.recursion.head_rank}
         counts = model.param_counts()
-        candidate.params = int(counts["non_embedding"]) + int(counts["lora"])
+        candidate.params = int(counts["non_embedding"]) + int(counts["lora"]) + (int(counts["embedding"]) if candidate.vocab else 0)
         candidate.kl = _kl(model, rows, targets)
         if (candidate.kl, candidate.params) < best_key:  # the lowest KL; on a tie, the smaller model
-            best, best_key = model, (candidate.kl, candidate.params)
+            best, best_candidate, best_key = model, candidate, (candidate.kl, candidate.params)
         del model
     assert best is not None
     ranked = sorted(fitting, key=lambda c: (c.kl if c.kl is not None else math.inf, c.params))
     reason = f"lowest calibration KL ({ranked[0].kl:.3f} nats/token) of {len(fitting)} plans within {budget:,} parameters"
     if len(ranked) > 1:
         reason += f"; next: {ranked[1].name} at {ranked[1].kl:.3f}"
-    choice = PlanChoice(best, candidates, reason)
+    choice = PlanChoice(best, candidates, reason, best_candidate)
     best.report["plan"] = choice.to_dict(budget)
     best.recursion.calib = calib
     return choice
@@ -213,12 +258,14 @@ def _kl(model: RecursiveModel, rows: torch.Tensor, targets: torch.Tensor, micro_
 
 def format_plan_search(choice: PlanChoice) -> str:
     """The table of compared plans (``convert --plan auto`` prints it), the chosen one marked."""
-    chosen = choice.model.recursion
-    lines = [f"{'plan':<32}{'base (M)':>10}{'LoRA budget (M)':>17}{'params (M)':>12}{'calib KL':>10}", ""]
+    chosen = choice.chosen.key if choice.chosen is not None else None
+    vocab = any(c.vocab for c in choice.candidates)
+    lines = [f"{'plan':<48}{'base (M)':>10}{'vocab (M)' if vocab else '':>10}{'LoRA budget (M)':>17}{'params (M)':>12}{'calib KL':>10}", ""]
     for c in choice.candidates:
-        mark = " <- chosen" if (c.loops, c.prelude, c.coda) == (chosen.loops, chosen.prelude, chosen.coda) else ""
+        mark = " <- chosen" if c.key == chosen else ""
         kl = f"{c.kl:>10.3f}" if c.kl is not None else f"{'over':>10}"
         params = f"{c.params / 1e6:>12.2f}" if c.params else f"{'-':>12}"
-        lines.append(f"{c.name:<32}{c.base / 1e6:>10.2f}{c.lora_budget / 1e6:>17.2f}{params}{kl}{mark}")
+        vocab_column = f"{c.vocab / 1e6:>10.2f}" if vocab else f"{'':>10}"
+        lines.append(f"{c.name:<48}{c.base / 1e6:>10.2f}{vocab_column}{c.lora_budget / 1e6:>17.2f}{params}{kl}{mark}")
     lines += ["", f"chosen: {choice.reason}"]
     return "\n".join(lines)
