@@ -119,6 +119,19 @@ def test_embedding_budget_picks_the_lowest_kl_candidate() -> None:
     assert (model.recursion.embed_rank, model.recursion.head_rank) == (best["embed_rank"], best["head_rank"])
     counts = model.embedding_counts()
     assert counts["input"] + counts["head"] == best["params"] and model.recursion.embed_params == (VOCAB + HIDDEN) * 16
+    # every score is KL(original || candidate) per token on the calibration rows, recomputed here from explicit ranks
+    source = tiny_model("qwen2", seed=0)
+    original = recursify.convert(source, loops=1, progress=False)
+    rows = torch.randint(3, VOCAB, (8, 16), generator=torch.Generator().manual_seed(0))
+    calibration = calibrate(original, rows, progress=False)
+    with torch.no_grad():
+        target = torch.log_softmax(original(rows).logits.double(), -1)
+        for score in scores:
+            ranks = {"embed_rank": score["embed_rank"], "head_rank": score["head_rank"]}
+            candidate = recursify.convert(source, calib=calibration, loops=1, progress=False, **ranks)
+            log_probs = torch.log_softmax(candidate(rows).logits.double(), -1)
+            kl = float((target.exp() * (target - log_probs)).sum(-1).mean())
+            assert score["kl"] == pytest.approx(kl, rel=1e-4, abs=1e-6), ranks
 
 
 @pytest.mark.parametrize("family", ["qwen2", "llama"])

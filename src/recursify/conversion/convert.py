@@ -254,24 +254,23 @@ def budget_embedding(
     vocabulary_calibration = calibration if recursion.embed_init == "weighted" else None
     plain = RecursionConfig(loops=1, norms=recursion.norms)
     base = recursive_state_dict(original, arch, plain)
-    reference = build_model(arch, plain, info, base)
-    candidates: list[tuple[dict[str, Any], RecursiveModel]] = []
-    for embed_rank, head_rank in budget_candidates(arch, recursion.embed_params):
-        candidate = dataclasses.replace(plain, embed_rank=embed_rank, head_rank=head_rank, embed_init=recursion.embed_init)
-        vocabulary = vocabulary_state(original.embed, original.lm_head, embedding_layout(arch, candidate), vocabulary_calibration)
-        state = {k: v for k, v in base.items() if not k.startswith(("embed.", "lm_head."))} | vocabulary
-        model = build_model(arch, candidate, info, state)
-        counts = model.embedding_counts()
-        candidates.append(
-            ({"embed_rank": embed_rank, "head_rank": head_rank, "params": counts["input"] + counts["head"], "kl": 0.0}, model)
-        )
-    with torch.no_grad():
-        for row in rows.split(1):  # one row at a time (vocabularies can be 262k); the reference runs once per row
-            target = torch.log_softmax(reference(row).logits.float(), dim=-1)
-            for score, model in candidates:
+    with torch.no_grad():  # the reference's log-probabilities once; then one candidate model alive at a time
+        reference = build_model(arch, plain, info, base)
+        targets = [torch.log_softmax(reference(row).logits.float(), dim=-1) for row in rows.split(1)]
+        del reference
+        layers = {k: v for k, v in base.items() if not k.startswith(("embed.", "lm_head."))}
+        scores: list[dict[str, Any]] = []
+        for embed_rank, head_rank in budget_candidates(arch, recursion.embed_params):
+            candidate = dataclasses.replace(plain, embed_rank=embed_rank, head_rank=head_rank, embed_init=recursion.embed_init)
+            vocabulary = vocabulary_state(original.embed, original.lm_head, embedding_layout(arch, candidate), vocabulary_calibration)
+            model = build_model(arch, candidate, info, layers | vocabulary)
+            counts = model.embedding_counts()
+            kl = 0.0
+            for row, target in zip(rows.split(1), targets, strict=True):  # a row at a time: vocabularies can be 262k
                 log_probs = torch.log_softmax(model(row).logits.float(), dim=-1)
-                score["kl"] += float((target.exp() * (target - log_probs)).sum()) / rows.numel()
-    scores = [score for score, _ in candidates]
+                kl += float((target.exp() * (target - log_probs)).sum()) / rows.numel()
+            scores.append({"embed_rank": embed_rank, "head_rank": head_rank, "params": counts["input"] + counts["head"], "kl": kl})
+            del model, vocabulary
     best = min(scores, key=lambda score: float(score["kl"]))
     report["embedding_budget"] = scores
     return best["embed_rank"], best["head_rank"]
