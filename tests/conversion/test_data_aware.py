@@ -102,7 +102,10 @@ def test_rank_allocation_is_optimal_on_a_toy_problem() -> None:
 
 def test_parse_budget() -> None:
     assert parse_budget("8M") == 8_000_000 and parse_budget("500k") == 500_000 and parse_budget("1.5M") == 1_500_000
-    with pytest.raises(ConfigError, match="budget"):
+    for bad in ("lots", "-5M", "nan", "0.5x"):
+        with pytest.raises(ConfigError, match=f"cannot read --embed-params '{bad}': give a parameter count"):
+            parse_budget(bad, "--embed-params")
+    with pytest.raises(ConfigError, match="cannot read --lora-params"):
         parse_budget("lots")
 
 

@@ -90,7 +90,7 @@ def convert(
         raise ConfigError("--lora-init asvd and --shared-init lsq need calibration data: pass --calib (e.g. teacher:16k or a .txt file)")
     check_relax_options(parse_relax(relax)[0], rank, lora_params)
     budget = parse_budget(lora_params) if lora_params is not None else None
-    vocab_budget = parse_budget(embed_params) if embed_params is not None else 0
+    vocab_budget = parse_budget(embed_params, "--embed-params") if embed_params is not None else 0
 
     def recursion_for_options(ranks: dict[str, int] | None = None) -> RecursionConfig:
         return RecursionConfig(

@@ -174,7 +174,7 @@ def search_plan(
     from recursify.data import load_tokens, pack
     from recursify.modeling.model import SourceInfo
 
-    budget = parse_budget(target_params)
+    budget = parse_budget(target_params, "--target-total" if vocab_shares is not None else "--target-params")
     if not calib:
         raise ConfigError("--plan auto scores plans on calibration data: pass --calib (e.g. teacher:16k or a .txt file)")
     if vocab_shares is not None and not (vocab_shares and all(0 < share <= 1 for share in vocab_shares)):

@@ -39,14 +39,17 @@ def allocate_ranks(gains: dict[str, torch.Tensor], costs: dict[str, int], budget
     return ranks
 
 
-def parse_budget(text: str | int) -> int:
-    """'8M', '500k', '1.5M' or an int -> parameters."""
+def parse_budget(text: str | int, flag: str = "--lora-params") -> int:
+    """'8M', '500k', '1.5M' or an int -> parameters; ``flag`` names the option in the error."""
     if isinstance(text, int):
-        return text
-    scale = {"k": 1_000, "m": 1_000_000, "g": 1_000_000_000}.get(text[-1:].lower(), 1)
-    number = text[:-1] if scale > 1 else text
-    try:
-        value = float(number) * scale
-    except ValueError:
-        raise ConfigError(f"cannot read LoRA parameter budget {text!r}; write e.g. 8M, 500k or 2000000") from None
+        value: float = text
+    else:
+        scale = {"k": 1_000, "m": 1_000_000, "g": 1_000_000_000}.get(text[-1:].lower(), 1)
+        number = text[:-1] if scale > 1 else text
+        try:
+            value = float(number) * scale
+        except ValueError:
+            value = float("nan")
+    if not value >= 0:  # also refuses NaN
+        raise ConfigError(f"cannot read {flag} {text!r}: give a parameter count, e.g. 8M, 500k or 2000000")
     return int(value)
