@@ -343,9 +343,14 @@ def summarise(results: dict[str, Any], original_params: int) -> None:
     results["factorised_vs_dense_20min"] = factorised_vs_dense(rows, 20)
 
 
-def row_label(row: dict[str, Any]) -> str:
+def arm_label(row: dict[str, Any]) -> str:
+    """The arm, marked with its vocabulary share when factorised ("plan+vocab0.35")."""
     share = row.get("vocab_share", 1.0)
-    return f"{row['arm']}{f'+vocab{share:g}' if share < 1 else ''}@{size_name(row['size'])}/{row['budget']:g}min"
+    return row["arm"] + (f"+vocab{share:g}" if share < 1 else "")
+
+
+def row_label(row: dict[str, Any]) -> str:
+    return f"{arm_label(row)}@{size_name(row['size'])}/{row['budget']:g}min"
 
 
 def factorised_vs_dense(rows: list[dict[str, Any]], minutes: float) -> dict[str, Any] | None:
@@ -411,8 +416,7 @@ def print_table(results: dict[str, Any]) -> None:
         if "ppl" not in r:
             continue
         ratio = r["ratio"]
-        share = r.get("vocab_share", 1.0)
-        arm = r["arm"] + (f"+vocab{share:g}" if share < 1 else "") + ("*" if r.get("train_data") != results["data"] else "")
+        arm = arm_label(r) + ("*" if r.get("train_data") != results["data"] else "")
         tasks = r.get("tasks", {})
         mean_acc = f"{sum(t['acc'] for t in tasks.values()) / len(tasks):.2f}" if tasks else "-"
         print(
@@ -489,12 +493,12 @@ def main() -> None:
 
     frontier = Frontier(args)
     results = load_results(args.results, args.resume)
-    vocabulary = int(frontier.original.param_counts()["total"]) - frontier.original_params
+    vocabulary = frontier.original_total - frontier.original_params
     for old in results["rows"]:  # rows written before these fields existed: the dense vocabulary, trained on --data
         old.setdefault("vocab_share", 1.0)
         old.setdefault("train_data", results.get("data", args.data))
         old.setdefault("total_params", old["params"] + vocabulary)
-        old.setdefault("total_ratio", old["total_params"] / frontier.original.param_counts()["total"])
+        old.setdefault("total_ratio", old["total_params"] / frontier.original_total)
     results.update(
         model=args.model, data=args.data, eval_sets=frontier.evals, eval_tokens=args.eval_tokens, ctx=args.ctx,
         original_params=frontier.original_params, original_ppl={k: v.value for k, v in frontier.reference.items()},
