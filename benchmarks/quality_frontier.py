@@ -453,8 +453,9 @@ def cache_bench(frontier: Frontier, results: dict[str, Any], minutes: float, sav
         save()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def frontier_parser(description: str | None = None) -> argparse.ArgumentParser:
+    """The frontier's options; benchmarks built on its machinery (``Frontier``) parse their own on top of them."""
+    parser = argparse.ArgumentParser(description=description or __doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument(
         "--data", default="teacher:64000", help="trains and calibrates (train split); its held-out split is the primary evaluation"
@@ -487,6 +488,11 @@ def main() -> None:
     )
     parser.add_argument("--resume", action="store_true", help="keep the rows already in the JSON and the converted inits")
     parser.add_argument("--results", type=Path, default=RESULTS, help="the JSON to write (the plot goes beside it)")
+    return parser
+
+
+def main() -> None:
+    parser = frontier_parser()
     args = parser.parse_args()
     if not all(0 < share <= 1 for share in args.vocab_shares):
         parser.error(f"--vocab-shares must be in (0, 1], got {args.vocab_shares}")

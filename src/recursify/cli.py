@@ -299,7 +299,8 @@ def cmd_heal(args: argparse.Namespace) -> None:
 
     fields = ["teacher", "calib_tokens", "minutes", "kd_minutes", "seq_len", "micro_batch", "lr", "kd_lr", "kd_batch_tokens"]
     fields += ["eval_tokens", "eval_every_minutes", "precision", "seed", "overwrite", "quiet", "teacher_cache"]
-    config = HealConfig(args.student, args.out, args.calib, **{name: getattr(args, name) for name in fields})
+    options = {name: getattr(args, name) for name in fields}
+    config = HealConfig(args.student, args.out, args.calib, freeze=args.freeze or [], **options)
     quiet_transformers()
     report = heal(config)
     print(json.dumps(report.to_dict(), indent=2))
@@ -468,6 +469,9 @@ def _add_heal_command(sub: Any) -> None:
     heal.add_argument("--eval-tokens", type=_count_or_zero, default=run.eval_tokens, help="held-out tokens for KL/ppl, 0 = none")
     heal.add_argument(
         "--eval-every-minutes", type=float, default=run.eval_every_minutes, help="also evaluate every N CPU-minutes of local phase, 0 = no"
+    )
+    heal.add_argument(
+        "--freeze", action="append", metavar="PATTERN", help="parameters neither phase trains; '!PATTERN' keeps them (repeat)"
     )
     _add_teacher_cache(heal)
     _add_training_precision(heal, run.precision)

@@ -161,3 +161,24 @@ def test_the_default_lr_improves_fitted_vocabulary_factors_from_the_first_step()
     for target in ("embedding", "head"):
         values = [losses[target] for losses in trajectory]
         assert max(values[1:]) < before[target] and values[-1] < values[1], (target, before[target], values)
+
+
+def test_freeze_holds_matching_parameters_through_both_phases(tiny_run, tmp_path, capsys) -> None:
+    """``--freeze '*' --freeze '!*lora*' --freeze '!*norm*'``: only LoRA factors and norm gains move, locally and in KD."""
+    lora_and_norms = ["*", "!*lora*", "!*norm*"]
+    config = HealConfig(
+        str(tiny_run["student"]), str(tmp_path / "healed"), str(tiny_run["data"]), minutes=0.02, kd_minutes=0.02, kd_batch_tokens=64,
+        lr=3e-3, freeze=lora_and_norms, **FAST,
+    )  # fmt: skip
+    report = heal(config)
+    assert report.local_steps > 0 and report.kd is not None and report.kd["steps_run"] > 0
+    before, after = dict(load(tiny_run["student"]).named_parameters()), dict(load(tmp_path / "healed").named_parameters())
+    trains = {name for name in before if "lora" in name or "norm" in name}
+    assert trains and trains != before.keys()
+    for name, value in before.items():
+        assert torch.equal(value, after[name]) != (name in trains), name
+    args = ["heal", str(tiny_run["student"]), "--calib", str(tiny_run["data"]), "--seq-len", "16", "--minutes", "0.01", "--quiet"]
+    assert main([*args, "--freeze", "*.nothing", "--out", str(tmp_path / "typo")]) == 2
+    assert "match no parameter" in capsys.readouterr().err and not (tmp_path / "typo").exists()
+    assert main([*args, "--freeze", "*", "--out", str(tmp_path / "all")]) == 2
+    assert "nothing to train" in capsys.readouterr().err and not (tmp_path / "all").exists()

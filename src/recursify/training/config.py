@@ -277,6 +277,8 @@ class HealConfig:
         overwrite: replace ``out`` if it exists.
         quiet: no progress bars.
         teacher_cache: the KD phase's ``UptrainConfig.teacher_cache`` (0 = online teacher).
+        freeze: fnmatch patterns of parameters neither phase trains (``!pattern`` keeps them
+            trainable; ``UptrainConfig.freeze``), e.g. ``["*", "!*lora*", "!*norm*"]``: LoRA and norms only.
     """
 
     student: str
@@ -300,6 +302,7 @@ class HealConfig:
     overwrite: bool = False
     quiet: bool = False
     teacher_cache: int = 0
+    freeze: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         check_teacher_cache(self.teacher_cache, distils=True)

@@ -47,6 +47,7 @@ from recursify.training.common import (
 )
 from recursify.training.config import HealConfig, UptrainConfig
 from recursify.training.metrics import MetricsLog
+from recursify.training.params import apply_freeze
 from recursify.training.schedule import batch_rows
 
 HEAL_LOG = "heal.jsonl"
@@ -143,7 +144,7 @@ def depth_losses(student: RecursiveModel, states: torch.Tensor, precision: str, 
         with precision_context(precision, student.device):
             output = student.shared_layer(slot.layer)(inputs, slot.visit, slot.depth, ctx)
         loss = normalised_error(output, target, inputs)
-        if backward:
+        if backward and loss.requires_grad:  # a layer --freeze keeps whole has nothing to learn here
             (loss / student.num_depths).backward()
         losses.append(float(loss.detach()))
     return losses
@@ -172,8 +173,9 @@ def vocabulary_losses(
         "embedding": normalised_error(embedded, states[0], torch.zeros_like(states[0])),
         "head": (target.exp() * (target - log_probs)).sum(-1).mean(),
     }
-    if backward:
-        ((losses["embedding"] + losses["head"]) / student.num_depths).backward()
+    total = (losses["embedding"] + losses["head"]) / student.num_depths
+    if backward and total.requires_grad:
+        total.backward()
     return {name: float(loss.detach()) for name, loss in losses.items()}
 
 
@@ -241,6 +243,8 @@ def heal(config: HealConfig) -> HealReport:
         raise ConfigError(f"{config.student} does not record its source model; pass --teacher")
     torch.manual_seed(config.seed)
     student = load(config.student)
+    if config.freeze:
+        apply_freeze(student, config.freeze)
     teacher = open_teacher(teacher_spec)
     _check_teacher(student, teacher)
     precision = resolve_precision(config.precision, student.device)
@@ -308,6 +312,8 @@ def local_optimizer(student: RecursiveModel, lr: float) -> torch.optim.AdamW:
     if student.embedding_layout.factorized:
         trained += [student.embed, student.final_norm] + ([student.lm_head] if student.lm_head is not None else [])
     params = [p for module in trained for p in module.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError("--freeze leaves the local phase nothing to train: keep some layer or vocabulary parameters trainable")
     return torch.optim.AdamW(params, lr=lr, betas=BETAS, weight_decay=0.0)
 
 
@@ -381,6 +387,7 @@ def _kd_phase(config: HealConfig, student_dir: str, teacher_spec: str) -> dict[s
         overwrite=config.overwrite,
         quiet=config.quiet,
         teacher_cache=config.teacher_cache,
+        freeze=list(config.freeze),
     )
     return uptrain(kd)
 
