@@ -2,8 +2,9 @@
 
 Run: OMP_NUM_THREADS=1 python benchmarks/quality_frontier.py [--sizes 0.55 0.35] [--budgets 20 60] [--arms ...] [--resume]
      OMP_NUM_THREADS=1 python benchmarks/quality_frontier.py --cache-bench 4 --resume      # teacher cache: k=64 vs online
-Writes benchmarks/results/quality_frontier.json (one row per arm x size x budget, summary fields) and
-benchmarks/results/quality_frontier.png (parameters vs perplexity ratio, one line per budget, baselines dashed).
+Writes benchmarks/results/quality_frontier.json (one row per arm x size x budget, summary fields),
+benchmarks/results/quality_frontier.png (parameters vs perplexity ratio, one line per budget, baselines dashed) and
+benchmarks/results/quality_frontier_curves.png (every row's held-out KL and perplexity ratio against log CPU-minutes).
 
 Arms, each converted to at most ``size`` x the original's non-embedding parameters (per-depth ones counted):
 
@@ -409,6 +410,32 @@ def pareto_plot(results: dict[str, Any], path: Path) -> None:
     plt.close(figure)
 
 
+def curves_plot(results: dict[str, Any], path: Path) -> None:
+    """Every trained row's healing curve against its CPU-minutes, conversion included (log scale): held-out KL on the
+    left, perplexity over the original's on the right with the 3x / 2x / 1.5x marks (baselines dashed)."""
+    plt = pyplot()
+    figure, (kl_axis, ratio_axis) = plt.subplots(1, 2, figsize=(12, 4.5), sharex=True)
+    trained = sorted((r for r in results["rows"] if r.get("curve")), key=lambda r: (r["budget"], r["arm"] in BASELINES, row_label(r)))
+    for index, row in enumerate(trained):
+        minutes = [max(row["convert_cpu_minutes"] + p["train_cpu_minutes"], 0.05) for p in row["curve"]]
+        style = "--" if row["arm"] in BASELINES else "-"
+        label = row_label(row) + (f" ({row['train_data']})" if row.get("train_data") != results["data"] else "")
+        kl_axis.plot(minutes, [p["kl"] for p in row["curve"]], style, color=f"C{index % 10}", label=label)
+        ratio_axis.plot(minutes, [p["ratio"] for p in row["curve"]], style, color=f"C{index % 10}")
+    for ratio in RATIOS.values():
+        ratio_axis.axhline(ratio, color="grey", lw=0.8, ls=":")
+        ratio_axis.annotate(f"{ratio:g}x", (1.0, ratio), xycoords=("axes fraction", "data"), fontsize=8, ha="right", va="bottom")
+    kl_axis.set_xscale("log")
+    ratio_axis.set_yscale("log")
+    kl_axis.set_ylabel("held-out KL(original || model), nats")
+    ratio_axis.set_ylabel("held-out perplexity / original's")
+    for axis in (kl_axis, ratio_axis):
+        axis.set_xlabel("CPU-minutes, conversion included")
+    kl_axis.legend(fontsize=7)
+    save_figure(figure, path)
+    plt.close(figure)
+
+
 def print_table(results: dict[str, Any]) -> None:
     print(f"{'arm':<22}{'size':>10}{'budget':>7}{'params M':>9}{'total':>7}{'CPU-min':>8}{'KL':>7}{'ppl':>10}", end="")
     print(f"{'x orig':>8}{'x manuals':>10}{'x licenses':>11}{'tasks':>7}")
@@ -453,9 +480,9 @@ def cache_bench(frontier: Frontier, results: dict[str, Any], minutes: float, sav
         save()
 
 
-def frontier_parser(description: str | None = None) -> argparse.ArgumentParser:
-    """The frontier's options; benchmarks built on its machinery (``Frontier``) parse their own on top of them."""
-    parser = argparse.ArgumentParser(description=description or __doc__.splitlines()[0])
+def frontier_parser() -> argparse.ArgumentParser:
+    """The frontier's options; other benchmarks on its machinery build a ``Frontier`` from ``frontier_parser().parse_args([...])``."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument(
         "--data", default="teacher:64000", help="trains and calibrates (train split); its held-out split is the primary evaluation"
@@ -569,6 +596,7 @@ def main() -> None:
     save()
     if any("ppl" in r for r in results["rows"]):
         pareto_plot(results, args.results.with_suffix(".png"))
+        curves_plot(results, args.results.with_name(args.results.stem + "_curves.png"))
     print_table(results)
     print({k: v for k, v in results.items() if k.startswith(("best_", "recursive_vs", "cpu_minutes_to", "factorised"))})
     print(f"wrote {args.results}")
