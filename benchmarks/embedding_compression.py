@@ -12,8 +12,9 @@ section's results). Sections:
   pair for a tied source), and each side alone (input factorised with the head dense, and the reverse); then the
   ``--embed-params`` choice at ``--budget-ratio`` of the vocabulary parameters with every candidate's score.
 - ``decode``: at ``--decode-loops`` (recursive, rank 0), one decode step (one new token per sequence, KV cache)
-  and ``model.head`` alone at batch 1 and 16, dense vs factorised head (the budget's ranks), rounds interleaved,
-  fastest round kept; the head's share of a step and its cost in loops of the shared block.
+  and ``model.head`` alone at batch 1 and 16, dense vs factorised head (the budget's ranks, or a tied pair at each of
+  ``--decode-ranks``), rounds interleaved, fastest round kept; the head's share of a step (also over the dense
+  head's) and its cost in loops of the shared block.
 - ``heal``: the budget model healed with ``recursify heal`` (local phase, then KD) for the given CPU-minutes;
   KL / perplexity on held-out rows before and after.
 
@@ -109,37 +110,43 @@ def init_section(source: LoadedSource, calibration: Calibration, heldouts: list[
 
 
 def decode_section(
-    source: LoadedSource, calibration: Calibration, embed_rank: int | str, head_rank: Any, args: argparse.Namespace
+    source: LoadedSource, calibration: Calibration, factorised: list[tuple[int | str, Any]], args: argparse.Namespace
 ) -> dict[str, Any]:
-    """Side by side: a decode step and the head alone, dense vs factorised head, batch 1 and 16."""
-    models = {
-        "dense": convert(source, loops=args.decode_loops, init="average", progress=False),
-        "factorised": convert(
-            source, loops=args.decode_loops, init="average", calib=calibration, embed_rank=embed_rank, head_rank=head_rank, progress=False
-        ),
+    """Side by side: a decode step and the head alone, the dense head vs each (embed rank, head rank) of ``factorised``,
+    batch 1 and 16."""
+    models: dict[str, tuple[RecursiveModel, dict[str, Any]]] = {
+        "dense": (convert(source, loops=args.decode_loops, init="average", progress=False), {})
     }
-    results: dict[str, Any] = {"loops": args.decode_loops, "embed_rank": embed_rank, "head_rank": head_rank, "rows": []}
+    for embed_rank, head_rank in factorised:
+        model = convert(
+            source, loops=args.decode_loops, init="average", calib=calibration, embed_rank=embed_rank, head_rank=head_rank, progress=False
+        )
+        models[f"factorised r{embed_rank}/{head_rank or 'tied'}"] = (model, {"embed_rank": embed_rank, "head_rank": head_rank})
+    results: dict[str, Any] = {"loops": args.decode_loops, "factorised": [list(pair) for pair in factorised], "rows": []}
     for batch in (1, 16):
         best: dict[str, dict[str, float]] = {name: {"step_s": float("inf"), "head_s": float("inf")} for name in models}
         for _ in range(args.rounds):
-            for name, model in models.items():
+            for name, (model, _) in models.items():
                 step_s, head_s = decode_costs(model, batch, args.reps)
                 best[name] = {"step_s": min(best[name]["step_s"], step_s), "head_s": min(best[name]["head_s"], head_s)}
-        for name, model in models.items():
+        dense_share = best["dense"]["head_s"] / best["dense"]["step_s"]
+        for name, (model, ranks) in models.items():
             step, head = best[name]["step_s"], best[name]["head_s"]
             loop = (step - head) / model.loops
             row = {
                 "batch": batch,
-                "head": name,
+                "head": "dense" if name == "dense" else "factorised",
+                **ranks,
                 "step_ms": 1e3 * step,
                 "head_ms": 1e3 * head,
                 "head_share": head / step,
+                "head_share_vs_dense": head / step / dense_share,
                 "head_in_loops": head / loop,
             }
             results["rows"].append(row)
             print(
-                f"batch {batch:>2} {name:<10} step {row['step_ms']:7.1f} ms  head {row['head_ms']:6.1f} ms  "
-                f"share {row['head_share']:.3f}  = {row['head_in_loops']:.2f} loops",
+                f"batch {batch:>2} {name:<22} step {row['step_ms']:7.1f} ms  head {row['head_ms']:6.1f} ms  "
+                f"share {row['head_share']:.3f} ({row['head_share_vs_dense']:.2f}x dense)  = {row['head_in_loops']:.2f} loops",
                 flush=True,
             )
     return results
@@ -250,6 +257,9 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, nargs="+", default=[128, 192, 288, 384])
     parser.add_argument("--budget-ratio", type=float, default=0.5, help="--embed-params as a share of the dense vocabulary parameters")
     parser.add_argument("--decode-loops", type=int, default=3)
+    parser.add_argument(
+        "--decode-ranks", type=int, nargs="*", default=[], help="tied ranks the decode section times (default: the budget's choice)"
+    )
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--heal-minutes", type=float, default=2.0)
@@ -299,7 +309,8 @@ def main() -> None:
         "budget": int(args.budget_ratio * dense),
     }
     if "decode" in args.sections:
-        entry["decode"] = decode_section(source, calibration, budget["embed_rank"], budget["head_rank"], args)
+        factorised = [(rank, None) for rank in args.decode_ranks] or [(budget["embed_rank"], budget["head_rank"])]
+        entry["decode"] = decode_section(source, calibration, factorised, args)
         save()
     if "heal" in args.sections:
         entry["heal"] = heal_section(args.model, calibration, source, budget["budget"], args)
