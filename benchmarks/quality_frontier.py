@@ -26,7 +26,8 @@ set; that one-off cost is reported apart (``teacher_cache_cpu_minutes``). Data: 
 ``teacher:64000``, text sampled from the original: broad by construction) trains and calibrates; its
 held-out split is the primary evaluation ("held-out perplexity"); human-written text the runs never see
 (Debian manuals, fetched with apt-get; the license texts of /usr/share/common-licenses) is evaluated too.
-Every arm's result is written as soon as it is measured, so ``--resume`` continues an interrupted run.
+Every arm's result is written as soon as it is measured, so ``--resume`` continues an interrupted run (a row whose
+healing was cut short continues from its last checkpoint, ``heal --resume``).
 
 ``--train-data SPEC`` trains on other data than ``--data`` (e.g. ``teacher:256000`` so that a 60-minute row
 does not repeat 64k tokens a dozen times); calibration and the held-out evaluation stay on ``--data``, and a
@@ -67,7 +68,7 @@ from recursify.evaluation.perplexity import evaluate_perplexity
 from recursify.files import pyplot, save_figure, write_json
 from recursify.modeling.model import RecursiveModel
 from recursify.sources import cache_root, load_source
-from recursify.training import HealConfig, heal
+from recursify.training import HealConfig, heal, heal_state
 from recursify.training.common import ExitModel, exit_metrics, heldout_rows
 from recursify.training.metrics import read_metrics
 
@@ -257,10 +258,12 @@ class Frontier:
     def train_arm(self, arm: str, init: Path, minutes: float, out: Path) -> dict[str, Any]:
         """Local healing for --local-share of ``minutes`` (not for the paper recipe), then KD; the healed model in ``out``."""
         local = 0.0 if arm == "paper" else self.args.local_share * minutes
+        resume = self.args.resume and heal_state.interrupted(out)  # a row cut short by a kill continues from its checkpoint
         config = HealConfig(
             str(init), str(out), self.train_data, teacher=self.args.model, calib_tokens=self.args.calib_tokens, minutes=local,
             kd_minutes=minutes - local, seq_len=SEQ_LEN, eval_tokens=self.args.eval_tokens, eval_every_minutes=self.args.curve_every,
-            kd_eval_every=self.args.kd_eval_every, teacher_cache=self.args.teacher_cache, overwrite=True, quiet=True,
+            kd_eval_every=self.args.kd_eval_every, teacher_cache=self.args.teacher_cache, overwrite=not resume, resume=resume,
+            quiet=True,
         )  # fmt: skip
         report = heal(config)
         local_s = report.local_cpu_minutes * 60

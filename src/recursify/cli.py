@@ -298,7 +298,7 @@ def cmd_heal(args: argparse.Namespace) -> None:
     from recursify.training.healing import heal
 
     fields = ["teacher", "calib_tokens", "minutes", "kd_minutes", "seq_len", "micro_batch", "lr", "kd_lr", "kd_batch_tokens"]
-    fields += ["eval_tokens", "eval_every_minutes", "precision", "seed", "overwrite", "quiet", "teacher_cache"]
+    fields += ["eval_tokens", "eval_every_minutes", "precision", "seed", "overwrite", "quiet", "teacher_cache", "save_every", "resume"]
     options = {name: getattr(args, name) for name in fields}
     config = HealConfig(args.student, args.out, args.calib, freeze=args.freeze or [], **options)
     quiet_transformers()
@@ -477,7 +477,9 @@ def _add_heal_command(sub: Any) -> None:
     _add_training_precision(heal, run.precision)
     heal.add_argument("--seed", type=int, default=run.seed, help="data order")
     heal.add_argument("--out", required=True, help="output checkpoint directory (+ heal.jsonl, heal_report.json)")
-    heal.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    heal.add_argument("--save-every", type=_count_or_zero, default=run.save_every, help="checkpoint every N steps of either phase")
+    heal.add_argument("--resume", action="store_true", help="continue the interrupted run of --out from its last checkpoint")
+    heal.add_argument("--overwrite", action="store_true", help="replace --out (and any interrupted run of it) if it exists")
     heal.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

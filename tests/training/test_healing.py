@@ -13,7 +13,15 @@ from recursify.conversion.calibration import calibrate
 from recursify.conversion.layer_drop import drop_layers
 from recursify.errors import ConfigError
 from recursify.training import HealConfig, heal
-from recursify.training.healing import block_objective, capture_states, local_optimizer, normalised_error, teacher_spans, vocabulary_losses
+from recursify.training.healing import (
+    block_objective,
+    capture_states,
+    depth_losses,
+    local_optimizer,
+    normalised_error,
+    teacher_spans,
+    vocabulary_losses,
+)
 from recursify.training.metrics import read_metrics
 from tiny import tiny_model
 
@@ -85,6 +93,10 @@ def test_config_refuses_bad_budgets(tiny_run) -> None:
         HealConfig(*base, minutes=-1)
     with pytest.raises(ConfigError, match="--kd-lr must be positive"):
         HealConfig(*base, kd_lr=0)
+    with pytest.raises(ConfigError, match="pass one of them"):
+        HealConfig(*base, resume=True, overwrite=True)
+    with pytest.raises(ConfigError, match="--save-every must be >= 0"):
+        HealConfig(*base, save_every=-1)
 
 
 def test_kd_evaluations_log_the_training_cpu_time_only(tiny_run, tmp_path) -> None:
@@ -182,3 +194,113 @@ def test_freeze_holds_matching_parameters_through_both_phases(tiny_run, tmp_path
     assert "match no parameter" in capsys.readouterr().err and not (tmp_path / "typo").exists()
     assert main([*args, "--freeze", "*", "--out", str(tmp_path / "all")]) == 2
     assert "nothing to train" in capsys.readouterr().err and not (tmp_path / "all").exists()
+
+
+def _interrupt_after(monkeypatch, owner, name: str, calls: int) -> None:
+    """Make ``owner.name`` raise KeyboardInterrupt on its ``calls``-th training call, as a Ctrl-C would."""
+    original, seen = getattr(owner, name), [0]
+
+    def wrapped(*args, **kwargs):
+        if name == "depth_losses" and not kwargs.get("backward"):  # evaluation, not a training step
+            return original(*args, **kwargs)
+        seen[0] += 1
+        if seen[0] == calls:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, wrapped)
+
+
+def test_an_interrupted_local_phase_resumes_from_its_last_checkpoint(tiny_run, tmp_path, monkeypatch) -> None:
+    from dataclasses import replace
+
+    from recursify.errors import CheckpointError
+    from recursify.training import heal_state, healing
+
+    out = tmp_path / "healed"
+    config = HealConfig(str(tiny_run["student"]), str(out), str(tiny_run["data"]), minutes=0.05, lr=3e-3, save_every=2, **FAST)
+    with monkeypatch.context() as patch:
+        _interrupt_after(patch, healing, "depth_losses", 6)  # local steps 1-5 ran; 2 and 4 were saved
+        with pytest.raises(KeyboardInterrupt):
+            heal(config)
+    work = heal_state.work_dir(out)
+    state = json.loads((work / heal_state.STATE_FILE).read_text())
+    assert state["phase"] == "local" and state["checkpoint"] == "local-00000004" and state["report"]["local_steps"] == 4
+    assert [p.name for p in work.glob("local-*")] == ["local-00000004"] and heal_state.interrupted(out)
+    before = [r for r in read_metrics(work / "metrics.jsonl") if r["step"] <= 4]
+    with pytest.raises(CheckpointError, match="pass --resume to continue it or --overwrite"):
+        heal(config)
+    with pytest.raises(ConfigError, match="lr: saved 0.003, now 0.001"):
+        heal(replace(config, resume=True, lr=1e-3))
+    report = heal(replace(config, resume=True, quiet=True))
+    assert report.local_steps > 5 and report.local_cpu_minutes >= 0.05
+    assert report.eval_local["kl"] < report.eval_before["kl"]
+    records = read_metrics(out / "heal.jsonl")
+    steps = [r["step"] for r in records if r["event"] == "local"]
+    assert steps == list(range(1, report.local_steps + 1))  # steps 5.. of the lost stretch ran once, after the checkpoint
+    assert [r["step"] for r in records if r["event"] == "eval"] == [0, report.local_steps]
+    assert records[: len(before)] == before  # continued, not restarted: steps 1-4 are the interrupted run's own
+    assert not work.exists() and not heal_state.interrupted(out)
+    load(out)
+    with pytest.raises(CheckpointError, match="nothing to resume"):
+        heal(replace(config, resume=True))
+
+
+def test_a_resumed_local_step_equals_the_uninterrupted_one(tiny_run, tmp_path) -> None:
+    """The checkpoint holds everything a step depends on: weights and AdamW's moments and step counts, bit for bit."""
+    from recursify.training import heal_state
+
+    teacher = convert(str(tiny_run["source"]), loops=1, progress=False)
+    rows = torch.randint(4, 97, (4, 12), generator=torch.Generator().manual_seed(0))
+    states = capture_states(teacher, rows, micro_batch=4, precision="fp32")
+
+    def step(model, optimizer) -> None:
+        depth_losses(model, states, "fp32", backward=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    student = load(tiny_run["student"])
+    optimizer = local_optimizer(student, 1e-3)
+    for _ in range(3):
+        step(student, optimizer)
+    work = tmp_path / "work"
+    work.mkdir()
+    state = heal_state.save_local(work, {"phase": "local"}, student, optimizer, 3)
+    resumed = load(work / state["checkpoint"])
+    resumed_optimizer = local_optimizer(resumed, 1e-3)
+    heal_state.restore_optimizer(work, state, resumed_optimizer)
+    step(student, optimizer)
+    step(resumed, resumed_optimizer)
+    for (name, value), (_, other) in zip(student.state_dict().items(), resumed.state_dict().items(), strict=True):
+        assert torch.equal(value, other), name
+
+
+def test_an_interrupted_kd_phase_resumes_with_uptraining(tiny_run, tmp_path, monkeypatch) -> None:
+    from dataclasses import replace
+
+    from recursify.training import heal_state
+    from recursify.training.uptrain import UptrainRun
+
+    out = tmp_path / "healed"
+    config = HealConfig(
+        str(tiny_run["student"]), str(out), str(tiny_run["data"]), minutes=0.01, kd_minutes=0.05, kd_batch_tokens=64, save_every=2,
+        **FAST,
+    )  # fmt: skip
+    with monkeypatch.context() as patch:
+        _interrupt_after(patch, UptrainRun, "train_step", 4)
+        with pytest.raises(KeyboardInterrupt):
+            heal(config)
+    state = json.loads((heal_state.work_dir(out) / heal_state.STATE_FILE).read_text())
+    assert state["phase"] == "kd" and (heal_state.work_dir(out) / heal_state.STAGED_DIR).is_dir()
+    local_steps = state["report"]["local_steps"]
+    saved = [r for r in read_metrics(out / "metrics.jsonl") if r["step"] <= 2]
+    assert saved and (out / "training").is_dir()
+    report = heal(replace(config, resume=True))
+    assert report.local_steps == local_steps  # the local phase was not run again
+    assert report.kd is not None and report.kd["steps_run"] > 3
+    records = read_metrics(out / "metrics.jsonl")
+    assert records[: len(saved)] == saved  # continued from the step-2 checkpoint, not restarted
+    kd_steps = [r["step"] for r in records if r["event"] == "train"]
+    assert kd_steps == list(range(1, kd_steps[-1] + 1))  # step 3 was lost with the interruption and run again once
+    assert not heal_state.work_dir(out).exists()
+    load(out)

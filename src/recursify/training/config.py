@@ -17,7 +17,9 @@ KD_KINDS: tuple[str, ...] = ("forward-kl", "reverse-kl", "jsd", "tvd")
 EXIT_TARGETS: tuple[str, ...] = ("teacher", "final")
 
 # Options that may differ between a run and its --resume without changing the result.
+# options a resumed run may change: how often it saves, evaluates and reports, not what it trains
 OPERATIONAL_FIELDS = ("resume", "overwrite", "quiet", "save_every", "eval_every", "eval_tokens", "peak_flops")
+HEAL_OPERATIONAL_FIELDS = ("resume", "overwrite", "quiet", "save_every", "eval_every_minutes", "kd_eval_every", "eval_tokens")
 
 
 def parse_exit_loss(spec: str) -> tuple[str, float]:
@@ -228,9 +230,13 @@ class UptrainConfig:
 
     def resume_mismatches(self, saved: dict[str, Any]) -> list[str]:
         """Options of this config that differ from a saved run's, ignoring operational ones."""
-        current = self.to_dict()
-        keys = sorted((set(current) | set(saved)) - set(OPERATIONAL_FIELDS))
-        return [f"{k}: saved {saved.get(k)!r}, now {current.get(k)!r}" for k in keys if _jsonish(saved.get(k)) != _jsonish(current.get(k))]
+        return option_mismatches(self.to_dict(), saved, OPERATIONAL_FIELDS)
+
+
+def option_mismatches(current: dict[str, Any], saved: dict[str, Any], operational: tuple[str, ...]) -> list[str]:
+    """ "name: saved X, now Y" for every option but the ``operational`` ones that differs between a saved run and this one."""
+    keys = sorted((set(current) | set(saved)) - set(operational))
+    return [f"{k}: saved {saved.get(k)!r}, now {current.get(k)!r}" for k in keys if _jsonish(saved.get(k)) != _jsonish(current.get(k))]
 
 
 def _jsonish(value: Any) -> Any:
@@ -279,6 +285,9 @@ class HealConfig:
         teacher_cache: the KD phase's ``UptrainConfig.teacher_cache`` (0 = online teacher).
         freeze: fnmatch patterns of parameters neither phase trains (``!pattern`` keeps them
             trainable; ``UptrainConfig.freeze``), e.g. ``["*", "!*lora*", "!*norm*"]``: LoRA and norms only.
+        save_every: checkpoint every N steps of either phase (local steps, KD optimizer steps; 0 = only
+            when the local phase ends), so that ``resume`` loses at most N steps (``training/heal_state.py``).
+        resume: continue the interrupted run of ``out`` from its last checkpoint (same options).
     """
 
     student: str
@@ -303,6 +312,8 @@ class HealConfig:
     quiet: bool = False
     teacher_cache: int = 0
     freeze: list[str] = field(default_factory=list)
+    save_every: int = 100
+    resume: bool = False
 
     def __post_init__(self) -> None:
         check_teacher_cache(self.teacher_cache, distils=True)
@@ -312,6 +323,10 @@ class HealConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
         if self.minutes + self.kd_minutes <= 0:
             raise ConfigError("nothing to do: give --minutes and/or --kd-minutes a positive CPU-minute budget")
+        if self.save_every < 0:
+            raise ConfigError(f"--save-every must be >= 0, got {self.save_every}")
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume continues the run in --out and --overwrite starts it over: pass one of them")
         for name in ("calib_tokens", "micro_batch", "kd_batch_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")

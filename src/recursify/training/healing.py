@@ -11,7 +11,8 @@ vocabulary factors (``--embed-rank``) gets two more targets of the same kind: it
 must match the teacher's embedding output (the residual stream entering depth 0) and its head, given
 the teacher's last hidden state, the teacher's logits (``vocabulary_losses``). Because per-depth fits
 cannot undo error that compounds across depths, an optional end-to-end KD phase (``uptrain``)
-follows. Both phases are budgeted in CPU-minutes (``time.process_time``), evaluation excluded.
+follows. Both phases are budgeted in CPU-minutes (``time.process_time``), evaluation excluded, and
+checkpoint every ``save_every`` steps so that an interrupted run resumes (``heal_state``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import dataclasses
 import json
 import math
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from recursify.loading import load
 from recursify.modeling.kv_cache import AttentionContext
 from recursify.modeling.model import RecursiveModel
 from recursify.text import precision_context, require_tokenizer
+from recursify.training import heal_state
 from recursify.training.budget import CpuBudget, budget_lr_factor
 from recursify.training.common import (
     BETAS,
@@ -232,17 +233,44 @@ class _Healing:
 
 
 def heal(config: HealConfig) -> HealReport:
-    """Heal a converted model: local block-wise reconstruction, then optional end-to-end KD (see module doc)."""
+    """Heal a converted model: local block-wise reconstruction, then optional end-to-end KD (see module doc).
+
+    With ``config.resume`` an interrupted run of ``config.out`` continues from its last checkpoint
+    (``heal_state``); otherwise an interrupted run left there is refused unless ``config.overwrite``.
+    """
     if not is_checkpoint(config.student):
         raise CheckpointError(f"{config.student} is not a recursify checkpoint; create one with 'recursify convert' first")
-    out = check_writable(config.out, config.overwrite)
+    out = Path(config.out) if config.resume else check_writable(config.out, config.overwrite)
     if out.resolve() == Path(config.student).resolve():
         raise ConfigError("--out must differ from the student directory (the healed model replaces --out)")
     teacher_spec = config.teacher or default_teacher(config.student)
     if teacher_spec is None:
         raise ConfigError(f"{config.student} does not record its source model; pass --teacher")
+    work, state = heal_state.open_state(config)
+    if state is None:
+        state = {"phase": "local", "options": heal_state.options(config), "report": HealReport().to_dict()}
+    report = HealReport(**state["report"])
+    student = _local_part(config, teacher_spec, work, state, report) if state["phase"] == "local" else None
+    if config.kd_minutes > 0:
+        del student  # uptrain loads its own copies
+        report.kd = _kd_phase(config, str(work / heal_state.STAGED_DIR), teacher_spec)
+        report.eval_after = {k: report.kd["eval_after"][k] for k in ("kl", "ppl")} if "eval_after" in report.kd else {}
+    else:
+        assert student is not None
+        student.save_pretrained(str(out), overwrite=True)  # check_writable allowed it, or a resume is rewriting its own run
+        report.eval_after = {k: v for k, v in report.eval_local.items() if k in ("kl", "ppl")}
+    shutil.copyfile(work / "metrics.jsonl", out / HEAL_LOG)
+    (out / "heal_report.json").write_text(json.dumps(report.to_dict(), indent=2))
+    shutil.rmtree(work, ignore_errors=True)
+    return report
+
+
+def _local_part(config: HealConfig, teacher_spec: str, work: Path, state: dict[str, Any], report: HealReport) -> RecursiveModel:
+    """Everything before KD: evaluation, the local phase (resumed from ``state``'s checkpoint if it names one), evaluation;
+    the student is staged for KD (``state`` then enters the "kd" phase) and returned."""
     torch.manual_seed(config.seed)
-    student = load(config.student)
+    resumed = heal_state.checkpoint_path(work, state)
+    student = load(resumed or config.student)
     if config.freeze:
         apply_freeze(student, config.freeze)
     teacher = open_teacher(teacher_spec)
@@ -254,37 +282,23 @@ def heal(config: HealConfig) -> HealReport:
         raise DataError(f"--calib {config.calib!r} yields fewer than one --seq-len ({config.seq_len}) row of training tokens")
     # packed exactly as uptraining packs them, so both phases report comparable numbers
     heldout = heldout_rows(config.calib, tokenizer, config.eval_tokens, config.seq_len, config.seed, teacher)
-
-    report = HealReport()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.heal-", dir=out.parent))
-    try:
-        heldout_states = capture_states(teacher, heldout, config.micro_batch, precision) if heldout is not None else None
-        log = MetricsLog(work, tensorboard=False)
-        run = _Healing(config, student, teacher, precision, train_rows, heldout, heldout_states, log=log, report=report)
+    heldout_states = capture_states(teacher, heldout, config.micro_batch, precision) if heldout is not None else None
+    log = MetricsLog(work, resume_step=report.local_steps if resumed else None, tensorboard=False)
+    run = _Healing(config, student, teacher, precision, train_rows, heldout, heldout_states, log=log, report=report)
+    if resumed is None:
         report.eval_before, report.per_depth_before = run.measure(0.0)
-        if config.minutes > 0:
-            _local_phase(run)
-            report.eval_local, report.per_depth_after = run.measure(report.local_cpu_minutes * 60)
-        else:
-            report.eval_local, report.per_depth_after = report.eval_before, report.per_depth_before
-        report.objective_before = report.eval_before.get("objective", math.nan)
-        report.objective_after = report.eval_local.get("objective", math.nan)
-        run.log.close()
-        if config.kd_minutes > 0:
-            staged = work / "local"
-            student.save_pretrained(str(staged))
-            del run, student, teacher, heldout_states  # uptrain loads its own copies
-            report.kd = _kd_phase(config, str(staged), teacher_spec)
-            report.eval_after = {k: report.kd["eval_after"][k] for k in ("kl", "ppl")} if "eval_after" in report.kd else {}
-        else:
-            student.save_pretrained(str(out), overwrite=config.overwrite)
-            report.eval_after = {k: v for k, v in report.eval_local.items() if k in ("kl", "ppl")}
-        shutil.copyfile(work / "metrics.jsonl", out / HEAL_LOG)
-        (out / "heal_report.json").write_text(json.dumps(report.to_dict(), indent=2))
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return report
+    if config.minutes > 0:
+        _local_phase(run, work, state)
+        report.eval_local, report.per_depth_after = run.measure(report.local_cpu_minutes * 60)
+    else:
+        report.eval_local, report.per_depth_after = report.eval_before, report.per_depth_before
+    report.objective_before = report.eval_before.get("objective", math.nan)
+    report.objective_after = report.eval_local.get("objective", math.nan)
+    run.log.close()
+    if config.kd_minutes > 0:
+        student.save_pretrained(str(work / heal_state.STAGED_DIR), overwrite=True)
+        heal_state.save(work, {**state, "phase": "kd", "report": report.to_dict()})
+    return student
 
 
 def _check_teacher(student: RecursiveModel, teacher: RecursiveModel) -> None:
@@ -317,20 +331,29 @@ def local_optimizer(student: RecursiveModel, lr: float) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, lr=lr, betas=BETAS, weight_decay=0.0)
 
 
-def _local_phase(run: _Healing) -> None:
-    """Capture the teacher's states, then train every depth on them until the CPU budget is spent."""
+def _local_phase(run: _Healing, work: Path, state: dict[str, Any]) -> None:
+    """Capture the teacher's states, then train every depth on them until the CPU budget is spent, checkpointing
+    every ``save_every`` steps (a resumed run continues ``state``'s step, optimizer, CPU seconds and schedule)."""
     from tqdm.auto import tqdm
 
     config, student, report = run.config, run.student, run.report
-    total = CpuBudget(config.minutes * 60)
-    states = capture_states(run.teacher, run.train_rows, config.micro_batch, run.precision)
-    report.capture_cpu_minutes = total.used() / 60
+    local = state.get("local", {})
+    total = CpuBudget(config.minutes * 60, already_used=local.get("cpu_s", 0.0))
+    if local:  # recomputing the states is the interruption's cost, not the training's
+        with total.paused():
+            states = capture_states(run.teacher, run.train_rows, config.micro_batch, run.precision)
+    else:
+        states = capture_states(run.teacher, run.train_rows, config.micro_batch, run.precision)
+        report.capture_cpu_minutes = total.used() / 60
     # The schedule spans what is left after the capture; the capture still counts against --minutes.
-    budget = CpuBudget(max(total.seconds - total.used(), 1e-9))
+    budget = CpuBudget(local.get("schedule_s", max(total.seconds - total.used(), 1e-9)), already_used=local.get("schedule_used", 0.0))
     optimizer = local_optimizer(student, config.lr)
+    if local:
+        heal_state.restore_optimizer(work, state, optimizer)
     student.train()
-    next_eval = config.eval_every_minutes * 60 if config.eval_every_minutes > 0 else math.inf
-    bar = tqdm(total=round(total.seconds), unit="cpu-s", desc="local heal", disable=config.quiet)
+    every = config.eval_every_minutes * 60
+    next_eval = local.get("next_eval", every if every > 0 else math.inf)
+    bar = tqdm(total=round(total.seconds), initial=round(total.used()), unit="cpu-s", desc="local heal", disable=config.quiet)
     try:
         while report.local_steps == 0 or not budget.spent():
             rows = batch_rows(report.local_steps, config.micro_batch, states.shape[1], config.seed)
@@ -353,10 +376,15 @@ def _local_phase(run: _Healing) -> None:
             )
             bar.update(round(cpu_s) - bar.n)
             bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-            if budget.used() >= next_eval:
-                with total.paused(), budget.paused():
+            with total.paused(), budget.paused():
+                if budget.used() >= next_eval:
                     run.measure(cpu_s)
-                next_eval += config.eval_every_minutes * 60
+                    next_eval += every
+                if config.save_every and report.local_steps % config.save_every == 0 and not budget.spent():
+                    report.local_cpu_minutes = cpu_s / 60
+                    counters = {"cpu_s": cpu_s, "schedule_s": budget.seconds, "schedule_used": budget.used(), "next_eval": next_eval}
+                    saved = {**state, "local": counters, "report": report.to_dict()}
+                    state.update(heal_state.save_local(work, saved, student, optimizer, report.local_steps))
     finally:
         bar.close()
     report.local_cpu_minutes = total.used() / 60
@@ -364,8 +392,12 @@ def _local_phase(run: _Healing) -> None:
 
 
 def _kd_phase(config: HealConfig, student_dir: str, teacher_spec: str) -> dict[str, Any]:
-    """End-to-end forward-KL distillation by ``uptrain`` on the same data, for ``kd_minutes`` CPU-minutes."""
+    """End-to-end forward-KL distillation by ``uptrain`` on the same data, for ``kd_minutes`` CPU-minutes; a resumed
+    run continues uptraining's last checkpoint in ``out`` (or starts KD over if it saved none yet)."""
+    from recursify.training.checkpointing import LATEST_FILE, TRAINING_DIR
     from recursify.training.uptrain import uptrain
+
+    resume = config.resume and (Path(config.out) / TRAINING_DIR / LATEST_FILE).is_file()
 
     kd = UptrainConfig(
         student=student_dir,
@@ -380,11 +412,12 @@ def _kd_phase(config: HealConfig, student_dir: str, teacher_spec: str) -> dict[s
         lr=config.kd_lr,
         min_lr_ratio=config.min_lr_ratio,
         precision=config.precision,
-        save_every=0,
+        save_every=config.save_every,
         eval_tokens=config.eval_tokens,
         seed=config.seed,
         eval_every=config.kd_eval_every,
-        overwrite=config.overwrite,
+        resume=resume,
+        overwrite=not resume,  # a fresh run's --out was checked at the start (or is this run's own)
         quiet=config.quiet,
         teacher_cache=config.teacher_cache,
         freeze=list(config.freeze),
