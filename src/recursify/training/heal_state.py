@@ -66,11 +66,11 @@ def open_state(config: HealConfig) -> tuple[Path, dict[str, Any] | None]:
         if mismatches:
             raise ConfigError(f"--resume needs the interrupted run's options; these differ: {'; '.join(mismatches)}")
         return work, state
-    if work.exists():
-        if not config.overwrite:
-            raise CheckpointError(
-                f"{work} holds an interrupted healing run of {config.out}: pass --resume to continue it or --overwrite to start over"
-            )
+    if state_file.is_file() and not config.overwrite:
+        raise CheckpointError(
+            f"{work} holds an interrupted healing run of {config.out}: pass --resume to continue it or --overwrite to start over"
+        )
+    if work.exists():  # replaced (--overwrite), or left by a run that stopped before its first checkpoint
         shutil.rmtree(work)
     work.mkdir(parents=True)
     return work, None
