@@ -355,7 +355,7 @@ def _local_phase(run: _Healing, work: Path, state: dict[str, Any]) -> None:
     next_eval = local.get("next_eval", every if every > 0 else math.inf)
     bar = tqdm(total=round(total.seconds), initial=round(total.used()), unit="cpu-s", desc="local heal", disable=config.quiet)
     try:
-        while report.local_steps == 0 or not budget.spent():
+        while report.local_steps == 0 or not total.spent():  # total, not the schedule: it bounds local_cpu_minutes below
             rows = batch_rows(report.local_steps, config.micro_batch, states.shape[1], config.seed)
             lr = config.lr * budget_lr_factor(budget.fraction(), WARMUP_FRACTION, config.min_lr_ratio)
             for group in optimizer.param_groups:
@@ -376,15 +376,18 @@ def _local_phase(run: _Healing, work: Path, state: dict[str, Any]) -> None:
             )
             bar.update(round(cpu_s) - bar.n)
             bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-            with total.paused(), budget.paused():
-                if budget.used() >= next_eval:
-                    run.measure(cpu_s)
-                    next_eval += every
-                if config.save_every and report.local_steps % config.save_every == 0 and not budget.spent():
-                    report.local_cpu_minutes = cpu_s / 60
-                    counters = {"cpu_s": cpu_s, "schedule_s": budget.seconds, "schedule_used": budget.used(), "next_eval": next_eval}
-                    saved = {**state, "local": counters, "report": report.to_dict()}
-                    state.update(heal_state.save_local(work, saved, student, optimizer, report.local_steps))
+            evaluate = budget.used() >= next_eval
+            save = config.save_every > 0 and report.local_steps % config.save_every == 0 and not total.spent()
+            if evaluate or save:
+                with total.paused(), budget.paused():
+                    if evaluate:
+                        run.measure(cpu_s)
+                        next_eval += every
+                    if save:
+                        report.local_cpu_minutes = cpu_s / 60
+                        counters = {"cpu_s": cpu_s, "schedule_s": budget.seconds, "schedule_used": budget.used(), "next_eval": next_eval}
+                        saved = {**state, "local": counters, "report": report.to_dict()}
+                        state.update(heal_state.save_local(work, saved, student, optimizer, report.local_steps))
     finally:
         bar.close()
     report.local_cpu_minutes = total.used() / 60
