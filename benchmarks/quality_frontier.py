@@ -176,7 +176,9 @@ class Frontier:
             record = json.loads(record_file.read_text())
             if "total_params" not in record:  # converted before the record counted the vocabulary
                 counts = load(directory).param_counts()
-                record.update(total_params=int(counts["total"]), total_ratio=float(counts["ratio"]), vocab_share=1.0)
+                record.update(total_params=int(counts["total"]), total_ratio=float(counts["ratio"]))
+            if "vocab_share" not in record:  # converted before plans could choose the vocabulary's share
+                record["vocab_share"] = (record.get("plan") or {}).get("chosen", {}).get("vocab_share", 1.0)
                 write_json(record_file, record)
             return directory, record
         budget = self.budget(size)
