@@ -15,8 +15,9 @@ section's results). Sections:
   and ``model.head`` alone at batch 1 and 16, dense vs factorised head (the budget's ranks, or a tied pair at each of
   ``--decode-ranks``), rounds interleaved, fastest round kept; the head's share of a step (also over the dense
   head's) and its cost in loops of the shared block.
-- ``heal``: the budget model healed with ``recursify heal`` (local phase, then KD) for the given CPU-minutes;
-  KL / perplexity on held-out rows before and after.
+- ``heal``: the budget model (loops 1: every layer is the original's) healed with ``recursify heal`` (local phase,
+  then KD) for the given CPU-minutes with only the vocabulary factors trainable (``--freeze '*' --freeze '!embed.*'``):
+  what training buys the factors alone; KL on both held-out kinds before, after the local phase and after KD.
 
 Calibration: ``--calib-tokens`` of the train split of ``--data``; nothing held out is ever calibrated on.
 """
@@ -171,7 +172,15 @@ def decode_costs(model: RecursiveModel, batch: int, reps: int, prompt: int = 32)
     return min(steps), min(heads)
 
 
-def heal_checkpoint(student: Path, out: Path, source_spec: str, args: argparse.Namespace) -> HealReport:
+def heal_checkpoint(
+    student: Path,
+    out: Path,
+    source_spec: str,
+    args: argparse.Namespace,
+    freeze: list[str] | None = None,
+    minutes: float | None = None,
+    kd_minutes: float | None = None,
+) -> HealReport:
     """Local healing then KD of a saved checkpoint with the benchmark's budgets (every healed arm runs the same)."""
     from recursify.training import HealConfig, heal
 
@@ -180,32 +189,45 @@ def heal_checkpoint(student: Path, out: Path, source_spec: str, args: argparse.N
         str(out),
         args.data,
         teacher=source_spec,
-        minutes=args.heal_minutes,
-        kd_minutes=args.kd_minutes,
+        minutes=args.heal_minutes if minutes is None else minutes,
+        kd_minutes=args.kd_minutes if kd_minutes is None else kd_minutes,
         seq_len=128,
         eval_tokens=args.eval_tokens,
         precision="fp32",
+        freeze=freeze or [],
         quiet=True,
     )
     return heal(config)
 
 
-def heal_section(source_spec: str, calibration: Calibration, source: LoadedSource, budget: int, args: argparse.Namespace) -> dict[str, Any]:
+def heal_section(
+    source_spec: str, calibration: Calibration, source: LoadedSource, heldouts: list[HeldOut], budget: int, args: argparse.Namespace
+) -> dict[str, Any]:
+    """The budget's factors healed with every layer frozen (at loops 1 the layers are the original's, exactly): the local
+    phase fits the embedding's output and the head's logits to the original's, then KD trains the factors end to end."""
+    model = convert(source, loops=1, calib=calibration, embed_params=budget, progress=False)
+    freeze = ["*", "!embed.*"] + (["!lm_head.*"] if model.lm_head is not None else [])
+    stages: dict[str, dict[str, float]] = {"init": {h.name: h.kl(model) for h in heldouts}}
     with tempfile.TemporaryDirectory() as work:
-        student = Path(work) / "init"
-        convert(source, loops=1, calib=calibration, embed_params=budget, progress=False).save_pretrained(student)
-        report = heal_checkpoint(student, Path(work) / "healed", source_spec, args)
+        init, local, healed = (Path(work) / name for name in ("init", "local", "healed"))
+        model.save_pretrained(init)
+        local_report = heal_checkpoint(init, local, source_spec, args, freeze, kd_minutes=0.0)
+        stages["local"] = {h.name: h.kl(RecursiveModel.from_pretrained(local)) for h in heldouts}
+        kd_report = heal_checkpoint(local, healed, source_spec, args, freeze, minutes=0.0)
+        stages["local + KD"] = {h.name: h.kl(RecursiveModel.from_pretrained(healed)) for h in heldouts}
     result = {
         "minutes": args.heal_minutes,
         "kd_minutes": args.kd_minutes,
-        "before": report.eval_before,
-        "after_local": report.eval_local,
-        "after": report.eval_after,
+        "freeze": freeze,
+        "embed_rank": model.recursion.embed_rank,
+        "head_rank": model.recursion.head_rank,
+        "vocab_params": vocabulary_params(model),
+        "local_steps": local_report.local_steps,
+        "kd_tokens": (kd_report.kd or {}).get("tokens_seen"),
+        "kl": stages,
     }
-    print(f"heal: KL {report.eval_before.get('kl', float('nan')):.3f} -> {report.eval_local.get('kl', float('nan')):.3f} (local)", end="")
-    print(
-        f" -> {report.eval_after.get('kl', float('nan')):.3f} (KD); ppl {report.eval_before.get('ppl')} -> {report.eval_after.get('ppl')}"
-    )
+    for stage, kls in stages.items():
+        print(f"heal (vocabulary only) {stage:<10} " + " ".join(f"KL {name} {kl:.3f}" for name, kl in kls.items()), flush=True)
     return result
 
 
@@ -313,7 +335,7 @@ def main() -> None:
         entry["decode"] = decode_section(source, calibration, factorised, args)
         save()
     if "heal" in args.sections:
-        entry["heal"] = heal_section(args.model, calibration, source, budget["budget"], args)
+        entry["heal"] = heal_section(args.model, calibration, source, heldouts, budget["budget"], args)
         save()
     if "recursive" in args.sections:
         entry["recursive"] = recursive_section(args.model, calibration, source, args)
