@@ -1,7 +1,8 @@
 """Low-rank input embeddings and heads: rank vs KL at initialisation, the head's share of a decode step, short healing.
 
 Run: OMP_NUM_THREADS=1 python benchmarks/embedding_compression.py --data TEXT [--model smollm2-135m] [--ranks 128 192 288 384]
-         [--budget-ratio 0.5] [--decode-loops 3] [--heal-minutes 2 --kd-minutes 4] [--sections init decode heal]
+         [--budget-ratio 0.5] [--exact-rows 0 1024 2048 4096 8192] [--decode-loops 3] [--heal-minutes 2 --kd-minutes 4]
+         [--sections init exact decode heal recursive]
 
 Writes benchmarks/results/embedding_compression.json under the model's alias (a run keeps every other model's and
 section's results). Sections:
@@ -11,6 +12,9 @@ section's results). Sections:
   plain truncated SVD of the tied matrix (``--embed-init svd``), the weighted fit (``--embed-init weighted``: one tied
   pair for a tied source), and each side alone (input factorised with the head dense, and the reverse); then the
   ``--embed-params`` choice at ``--budget-ratio`` of the vocabulary parameters with every candidate's score.
+- ``exact``: at ``--budget-ratio`` of the vocabulary parameters, ``--embed-params`` with ``--embed-exact-rows N`` for
+  each N of ``--exact-rows`` (the most-used tokens' rows kept dense, the rank covering the rest): the layout the
+  budget chose, the share of calibration and held-out tokens whose rows are exact, and KL on both held-out kinds.
 - ``decode``: at ``--decode-loops`` (recursive, rank 0), one decode step (one new token per sequence, KV cache)
   and ``model.head`` alone at batch 1 and 16, dense vs factorised head (the budget's ranks, or a tied pair at each of
   ``--decode-ranks``), rounds interleaved, fastest round kept; the head's share of a step (also over the dense
@@ -108,6 +112,41 @@ def init_section(source: LoadedSource, calibration: Calibration, heldouts: list[
     }
     print(f"--embed-params {budget / 1e6:.2f}M: ranks {chosen['embed_rank']} / {chosen['head_rank']}, KL {chosen['kl']}")
     return {"dense_vocab_params": dense, "rows": rows, "budget": chosen}
+
+
+def exact_section(source: LoadedSource, calibration: Calibration, heldouts: list[HeldOut], args: argparse.Namespace) -> dict[str, Any]:
+    original = convert(source, loops=1, progress=False)
+    dense = vocabulary_params(original)
+    budget = int(args.budget_ratio * dense)
+    counts = calibration.token_counts
+    assert counts is not None
+    rows = []
+    header = f"{'exact rows':>10} {'ranks':>10} {'vocab params':>13} {'calib cover':>12} "
+    print(header + " ".join(f"{'KL ' + h.name:>16}" for h in heldouts))
+    for exact in args.exact_rows:
+        start = time.process_time()
+        model = convert(source, loops=1, calib=calibration, embed_params=budget, embed_exact_rows=exact, progress=False)
+        fit_s = time.process_time() - start
+        ids = model.embed.exact_ids if exact else torch.empty(0, dtype=torch.long)
+        row = {
+            "exact_rows": exact,
+            "embed_rank": model.recursion.embed_rank,
+            "head_rank": model.recursion.head_rank,
+            "vocab_params": vocabulary_params(model),
+            "ratio": vocabulary_params(model) / dense,
+            "calib_cover": float(counts[ids].sum() / counts.sum()),
+            "heldout_cover": {h.name: float(torch.isin(h.rows, ids).float().mean()) for h in heldouts},
+            "kl": {h.name: h.kl(model) for h in heldouts},
+            "fit_cpu_s": fit_s,
+        }
+        rows.append(row)
+        ranks = f"{row['embed_rank']}/{row['head_rank'] or 'tied'}"
+        print(
+            f"{exact:>10} {ranks:>10} {row['vocab_params'] / 1e6:>12.2f}M {row['calib_cover']:>12.3f} "
+            + " ".join(f"{kl:>16.3f}" for kl in row["kl"].values()),
+            flush=True,
+        )
+    return {"budget": budget, "dense_vocab_params": dense, "rows": rows}
 
 
 def decode_section(
@@ -278,6 +317,9 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=2048)
     parser.add_argument("--ranks", type=int, nargs="+", default=[128, 192, 288, 384])
     parser.add_argument("--budget-ratio", type=float, default=0.5, help="--embed-params as a share of the dense vocabulary parameters")
+    parser.add_argument(
+        "--exact-rows", type=int, nargs="+", default=[0, 1024, 2048, 4096, 8192], help="--embed-exact-rows values of the exact section"
+    )
     parser.add_argument("--decode-loops", type=int, default=3)
     parser.add_argument(
         "--decode-ranks", type=int, nargs="*", default=[], help="tied ranks the decode section times (default: the budget's choice)"
@@ -291,7 +333,8 @@ def main() -> None:
     parser.add_argument(
         "--recursive-ratios", type=float, nargs=2, default=[0.5, 0.35], help="total/original: dense embedding arm, factorised arm"
     )
-    parser.add_argument("--sections", nargs="+", default=["init", "decode", "heal"], choices=["init", "decode", "heal", "recursive"])
+    sections = ["init", "exact", "decode", "heal", "recursive"]
+    parser.add_argument("--sections", nargs="+", default=["init", "decode", "heal"], choices=sections)
     args = parser.parse_args()
     args.other_data = args.other_data or str(license_prose())
 
@@ -323,6 +366,9 @@ def main() -> None:
     dense = vocabulary_params(original)
     if "init" in args.sections:
         entry["init"] = init_section(source, calibration, heldouts, args)
+        save()
+    if "exact" in args.sections:
+        entry["exact"] = exact_section(source, calibration, heldouts, args)
         save()
     saved = json.loads(RESULTS.read_text()).get(args.model, {}) if RESULTS.is_file() else {}
     budget = (entry.get("init") or saved.get("init") or {}).get("budget") or {

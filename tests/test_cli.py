@@ -229,6 +229,19 @@ def test_low_rank_embedding_on_the_command_line(source_dir: Path, tmp_path: Path
         [*common, "--embed-rank", "8", "--embed-params", "2k", "--calib", str(text), "--out", str(tmp_path / "x")], capsys
     )
     assert "below the smallest" in run_error([*common, "--embed-params", "100", "--calib", str(text), "--out", str(tmp_path / "x")], capsys)
+    exact = tmp_path / "exact"
+    options = ["--embed-params", "3k", "--embed-exact-rows", "10", "--calib", str(text), "--calib-tokens", "1000"]
+    assert main([*common, *options, "--out", str(exact)]) == 0
+    assert main(["info", str(exact)]) == 0
+    assert "+ 10 rows" in capsys.readouterr().out
+    assert "add --embed-rank" in run_error([*common, "--embed-exact-rows", "10", "--out", str(tmp_path / "x")], capsys)
+    assert "--embed-init weighted" in run_error(
+        [*common, "--embed-rank", "8", "--embed-init", "svd", "--embed-exact-rows", "10", "--out", str(tmp_path / "x")], capsys
+    )
+    assert "exceeds the vocabulary (97 tokens)" in run_error(
+        [*common, "--embed-rank", "8", "--embed-exact-rows", "98", "--calib", str(text), "--out", str(tmp_path / "x")], capsys
+    )
+    assert not (tmp_path / "x").exists()
     for rank in ("0", "-3", "big"):
         with pytest.raises(SystemExit) as exit_info:
             main(["convert", "--embed-rank", rank, "--out", "x"])

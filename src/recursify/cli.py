@@ -105,6 +105,12 @@ def _positive_int(value: str) -> int:
     return int(value)
 
 
+def _non_negative_int(value: str) -> int:
+    if not value.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value!r}")
+    return int(value)
+
+
 def cmd_convert(args: argparse.Namespace) -> None:
     """Convert a pretrained model into a (relaxed) recursive one and save it.
 
@@ -118,10 +124,11 @@ def cmd_convert(args: argparse.Namespace) -> None:
     check_writable(args.out, args.overwrite)
     if args.quiet:
         quiet_transformers()
-    vocabulary_options = args.embed_rank != "full" or args.head_rank is not None or args.embed_params is not None
+    vocabulary_options = args.embed_rank != "full" or args.head_rank is not None or args.embed_params is not None or args.embed_exact_rows
     if vocabulary_options and (args.keep_layers is not None or args.plan == "auto"):
         raise ConfigError(
-            "--embed-rank/--head-rank/--embed-params apply to a plain conversion; --plan auto chooses the vocabulary itself with "
+            "--embed-rank/--head-rank/--embed-params/--embed-exact-rows apply to a plain conversion; --plan auto chooses the "
+            "vocabulary itself with "
             "--target-total (and --vocab-shares), --keep-layers keeps it dense"
         )
     if args.plan != "auto" and (args.target_total is not None or args.vocab_shares is not None):
@@ -155,6 +162,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
             head_rank=args.head_rank,
             embed_init=args.embed_init,
             embed_params=args.embed_params,
+            embed_exact_rows=args.embed_exact_rows,
             prelude=args.prelude,
             coda=args.coda,
         )
@@ -669,6 +677,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="parameter budget for input embedding + head (e.g. 12M) instead of --embed-rank: tied or untied and the ranks "
         "chosen by KL on calibration tokens (needs --calib)",
+    )
+    convert.add_argument(
+        "--embed-exact-rows",
+        type=_non_negative_int,
+        default=recursion.embed_exact_rows,
+        metavar="N",
+        help="keep the rows of the N tokens calibration uses most exact (dense) in a low-rank embedding/head; the rank covers "
+        "the rest; counted in --embed-params (needs --calib)",
     )
     convert.add_argument(
         "--plan",

@@ -153,6 +153,8 @@ class RecursionConfig:
             frequency, head by the logits' error on calibration hidden states; needs calibration
             data) or "svd" (plain truncated SVD); see ``conversion/embedding_init.py``.
         embed_params: the parameter budget for input embedding + head that chose the ranks (0 = none).
+        embed_exact_rows: rows of the most-used tokens every factorised side keeps exact (dense),
+            counted in ``embed_params``; see ``modeling/embedding.py``.
         exit_head_rank: rank of the per-loop exit heads in front of the shared LM head at every
             non-final loop end (0 = none: every exit reads the shared final norm and head); see
             ``modeling/exit_heads.py``. Added by ``uptrain --exit-heads R``, not by conversion.
@@ -177,6 +179,7 @@ class RecursionConfig:
     head_rank: int | str | None = None
     embed_init: str = "weighted"
     embed_params: int = 0
+    embed_exact_rows: int = 0
     exit_head_rank: int = 0
     prelude: int = 0
     coda: int = 0
@@ -190,6 +193,12 @@ class RecursionConfig:
         _check_choice("embed_init", self.embed_init, EMBED_INITS)
         if not isinstance(self.embed_params, int) or self.embed_params < 0:
             raise ConfigError(f"embed_params must be a non-negative integer, got {self.embed_params!r}")
+        if not isinstance(self.embed_exact_rows, int) or self.embed_exact_rows < 0:
+            raise ConfigError(f"--embed-exact-rows must be a non-negative integer, got {self.embed_exact_rows!r}")
+        if self.embed_exact_rows and not (self.embed_factorized or self.embed_params):
+            raise ConfigError(
+                "--embed-exact-rows keeps rows of a low-rank embedding or head exact: add --embed-rank R, --head-rank R or --embed-params N"
+            )
         if not isinstance(self.exit_head_rank, int) or self.exit_head_rank < 0:
             raise ConfigError(f"exit_head_rank must be a non-negative integer, got {self.exit_head_rank!r}")
         if self.exit_head_rank and self.loops < 2:

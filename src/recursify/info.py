@@ -40,6 +40,7 @@ def model_info(model: RecursiveModel) -> dict[str, Any]:
         "embedding": model.embedding_counts(),
         "embed_init": recursion.embed_init,
         "embed_params": recursion.embed_params,
+        "embed_exact_rows": recursion.embed_exact_rows,
         "report": model.report,
     }
 
@@ -47,11 +48,11 @@ def model_info(model: RecursiveModel) -> dict[str, Any]:
 def format_model_info(info: dict[str, Any]) -> str:
     """The human-readable parameter table of ``model_info`` (``recursify info``), with conversion diagnostics."""
     params = info["params"]
-    split = info["embedding"]
+    split, exact = info["embedding"], info.get("embed_exact_rows", 0)
     rows = [
         ("embedding", params["embedding"]),
-        (f"  input {_rank_text(split['input_rank'])}", split["input"]),
-        (f"  head {'tied to input' if split['tied'] else _rank_text(split['head_rank'])}", split["head"]),
+        (f"  input {_rank_text(split['input_rank'], exact)}", split["input"]),
+        (f"  head {'tied to input' if split['tied'] else _rank_text(split['head_rank'], exact)}", split["head"]),
         ("non-embedding", params["non_embedding"]),
         ("LoRA", params["lora"]),
         ("total", params["total"]),
@@ -84,8 +85,10 @@ def format_model_info(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _rank_text(rank: int | None) -> str:
-    return "dense" if rank is None else f"rank {rank}"
+def _rank_text(rank: int | None, exact_rows: int = 0) -> str:
+    if rank is None:
+        return "dense"
+    return f"rank {rank}" + (f" + {exact_rows} rows" if exact_rows else "")
 
 
 def _plan_line(info: dict[str, Any]) -> str:

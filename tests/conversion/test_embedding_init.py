@@ -139,6 +139,14 @@ def test_budget_candidates_spend_at_most_the_budget() -> None:
     assert all(h is not None for _, h in budget_candidates(untied, 145 * 20))  # an untied source has its own head
     with pytest.raises(ConfigError, match="below the smallest"):
         budget_candidates(untied, 200)
+    # exact rows come out of the budget first: once for a tied pair, once per factorised side otherwise
+    for arch in (tied, untied):
+        for embed_rank, head_rank in budget_candidates(arch, 145 * 20, exact_rows=10):
+            sides = [embed_rank] if head_rank is None else [embed_rank, head_rank]
+            assert sum(int(rank) * 145 + 10 * 48 for rank in sides) <= 145 * 20
+    assert budget_candidates(tied, 145 * 20, exact_rows=10)[0] == ((145 * 20 - 480) // 145, None)
+    with pytest.raises(ConfigError, match="plus the exact rows"):
+        budget_candidates(untied, 145 * 2, exact_rows=10)
 
 
 def _solution_split(fit: LowRankFit, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -40,6 +40,56 @@ def test_factorized_embedding_looks_up_and_projects_its_product() -> None:
     assert module.rank == 3 and torch.equal(module.dense(), dense)
 
 
+def test_exact_rows_replace_the_product_in_lookup_and_logits() -> None:
+    module = FactorizedEmbedding(11, 6, 3, exact_rows=4)
+    for tensor in (module.table, module.basis, module.exact_rows):
+        torch.nn.init.normal_(tensor)
+    module.exact_ids.copy_(torch.tensor([1, 4, 7, 10]))
+    dense = module.table @ module.basis
+    dense[module.exact_ids] = module.exact_rows.detach()
+    ids = torch.tensor([[0, 1, 10], [4, 3, 7]])
+    torch.testing.assert_close(module(ids), dense[ids])
+    h = torch.randn(2, 3, 6)
+    torch.testing.assert_close(module.project(h), h @ dense.T)
+    torch.testing.assert_close(module.dense(), dense)
+    module.project(h).sum().backward()  # every factor and row learns through the head
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+
+
+def test_exact_rows_are_the_most_used_tokens_and_buy_more_than_rank() -> None:
+    """On a skewed vocabulary, exact rows for the tokens calibration uses reproduce their rows and logits exactly, and beat a
+    plain tied pair of the same parameter count (the rank the rows cost) by KL on fresh text of the same kind."""
+    source = tiny_model("qwen2", seed=5)
+    original = recursify.convert(source, loops=1, progress=False)
+    frequent = torch.randint(3, 21, (12, 16), generator=torch.Generator().manual_seed(0))
+    calibration = calibrate(original, frequent, progress=False)
+    plain = recursify.convert(source, loops=1, calib=calibration, embed_rank=12, progress=False)  # tied pair: 12 * 145 = 1740
+    exact = recursify.convert(source, loops=1, calib=calibration, embed_rank=6, embed_exact_rows=18, progress=False)
+    assert exact.param_counts()["embedding"] == 6 * (VOCAB + HIDDEN) + 18 * HIDDEN <= plain.param_counts()["embedding"]
+    assert set(exact.embed.exact_ids.tolist()) == set(frequent.unique().tolist())  # the 18 tokens calibration saw
+    weight = source.get_input_embeddings().weight
+    ids = torch.randint(3, 21, (4, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(exact.embed(ids), weight[ids])
+        h = torch.randn(5, HIDDEN)
+        torch.testing.assert_close(exact.lm_logits(h)[:, exact.embed.exact_ids], h @ weight[exact.embed.exact_ids].T)
+        target = torch.log_softmax(original(ids).logits, -1)
+
+        def kl(model: RecursiveModel) -> float:
+            return float((target.exp() * (target - torch.log_softmax(model(ids).logits, -1))).sum(-1).mean())
+
+        assert kl(exact) < 0.75 * kl(plain), (kl(exact), kl(plain))
+
+
+def test_exact_rows_options_are_checked() -> None:
+    with pytest.raises(ConfigError, match="add --embed-rank"):
+        recursify.convert(tiny_model("llama"), loops=1, embed_exact_rows=4, progress=False)
+    with pytest.raises(ConfigError, match="--embed-init weighted"):
+        recursify.convert(tiny_model("llama"), loops=1, embed_rank=8, embed_init="svd", embed_exact_rows=4, progress=False)
+    with pytest.raises(ConfigError, match="exceeds the vocabulary"):
+        _calibrated("llama", loops=1, embed_rank=8, embed_exact_rows=VOCAB + 1)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_embed_rank_full_reproduces_the_original_bit_for_bit(family: str) -> None:
     source = tiny_model(family, seed=1)
@@ -134,12 +184,13 @@ def test_embedding_budget_picks_the_lowest_kl_candidate() -> None:
             assert score["kl"] == pytest.approx(kl, rel=1e-4, abs=1e-6), ranks
 
 
-@pytest.mark.parametrize("family", ["qwen2", "llama"])
-def test_save_load_round_trip(tmp_path: Path, family: str) -> None:
-    model = _calibrated(family, loops=2, rank=4, init="average", embed_rank=8, head_rank=10)
+@pytest.mark.parametrize(("family", "exact_rows"), [("qwen2", 0), ("llama", 0), ("llama", 5)])
+def test_save_load_round_trip(tmp_path: Path, family: str, exact_rows: int) -> None:
+    model = _calibrated(family, loops=2, rank=4, init="average", embed_rank=8, head_rank=10, embed_exact_rows=exact_rows)
     model.save_pretrained(tmp_path / "ckpt")
     loaded = recursify.load(tmp_path / "ckpt")
     assert loaded.recursion == model.recursion and loaded.recursion.embed_rank == 8 and loaded.recursion.head_rank == 10
+    assert loaded.recursion.embed_exact_rows == exact_rows
     for name, tensor in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
     ids = torch.randint(3, VOCAB, (1, 7))
@@ -147,9 +198,9 @@ def test_save_load_round_trip(tmp_path: Path, family: str) -> None:
         assert torch.equal(loaded(ids).logits, model(ids).logits)
 
 
-@pytest.mark.parametrize("family", ["gemma2", "llama"])
-def test_engine_equals_generate_with_factorized_embedding_and_head(family: str) -> None:
-    model = _calibrated(family, seed=3, loops=3, rank=4, init="average", embed_rank=12)
+@pytest.mark.parametrize(("family", "exact_rows"), [("gemma2", 0), ("llama", 0), ("gemma2", 7)])
+def test_engine_equals_generate_with_factorized_embedding_and_head(family: str, exact_rows: int) -> None:
+    model = _calibrated(family, seed=3, loops=3, rank=4, init="average", embed_rank=12, embed_exact_rows=exact_rows)
     prompts = [torch.randint(3, VOCAB, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 1, 9)]
     engine = Engine(model, batching="depthwise", max_batch=2, max_prefill_chunk=4, exit="none", max_kv_tokens=512)
     served = {out.request_id: out.token_ids for out in engine.generate(prompts, max_new_tokens=6, stop_token_ids=[])}

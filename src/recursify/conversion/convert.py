@@ -48,6 +48,7 @@ def convert(
     head_rank: int | str | None = None,
     embed_init: str = "weighted",
     embed_params: int | str | None = None,
+    embed_exact_rows: int = 0,
     prelude: int = 0,
     coda: int = 0,
 ) -> RecursiveModel:
@@ -82,6 +83,8 @@ def convert(
             or "svd" (plain truncated SVD); see ``conversion/embedding_init.py``.
         embed_params: a parameter budget (e.g. "12M") for input embedding + head that replaces
             ``embed_rank`` / ``head_rank``: candidate layouts are scored on calibration tokens.
+        embed_exact_rows: keep the rows of this many most-used tokens exact on every factorised side
+            (dense rows replacing the product's; counted in ``embed_params``; needs ``calib``).
         prelude, coda: keep the first ``prelude`` and the last ``coda`` original layers unique (run
             once before and after the looped block) and loop only the layers between them.
     """
@@ -111,6 +114,7 @@ def convert(
             head_rank=head_rank,
             embed_init=embed_init,
             embed_params=vocab_budget,
+            embed_exact_rows=embed_exact_rows,
             prelude=prelude,
             coda=coda,
         )
@@ -121,7 +125,7 @@ def convert(
         check_loops(arch.num_layers, recursion.loops, recursion.strategy, recursion.prelude, recursion.coda)
         embedding_layout(arch, recursion)  # ranks above min(vocab, hidden) fail before the weights load
         if vocab_budget:
-            budget_candidates(arch, vocab_budget)
+            budget_candidates(arch, vocab_budget, recursion.embed_exact_rows)
         return arch, recursion
 
     check_embedding_options(recursion_for_options(), bool(calib))
@@ -260,8 +264,9 @@ def budget_embedding(
         del reference
         layers = {k: v for k, v in base.items() if not k.startswith(("embed.", "lm_head."))}
         scores: list[dict[str, Any]] = []
-        for embed_rank, head_rank in budget_candidates(arch, recursion.embed_params):
+        for embed_rank, head_rank in budget_candidates(arch, recursion.embed_params, recursion.embed_exact_rows):
             candidate = dataclasses.replace(plain, embed_rank=embed_rank, head_rank=head_rank, embed_init=recursion.embed_init)
+            candidate.embed_exact_rows = recursion.embed_exact_rows
             vocabulary = vocabulary_state(original.embed, original.lm_head, embedding_layout(arch, candidate), vocabulary_calibration)
             model = build_model(arch, candidate, info, layers | vocabulary)
             counts = model.embedding_counts()

@@ -27,6 +27,12 @@ budget decides by measurement rather than by rule:
 ``--embed-params N`` spends N parameters on input + head: it scores a few candidate layouts
 (one tied pair, or untied factors with the rank split several ways) by the KL of the original
 model, with only its embedding and head replaced, on calibration tokens, and keeps the best.
+
+Exact rows (``--embed-exact-rows N``): the factors are fitted as above, then the N tokens with the
+largest row weight on that side (the tied pair: the mean of both sides' squared weights) keep their
+original rows, which replace the product's. A token's weight is its expected number of occurrences
+(input) or predictions (head), so on Zipfian text a few thousand rows cover nearly all of both;
+the budget's candidates reserve N * hidden parameters per factorised side for them.
 """
 
 from __future__ import annotations
@@ -178,6 +184,8 @@ def vocabulary_state(
         fit = tied_fit(embed, calibration) if layout.head == "input" else input_fit(embed, calibration)
         state["embed.table"], state["embed.basis"] = fit.factors(layout.input_rank)
         errors["tied" if layout.head == "input" else "input"] = fit.relative_error(layout.input_rank)
+        if layout.exact_rows:
+            state |= _exact_rows("embed", embed, fit.row_weights, layout.exact_rows)
     if layout.head == "dense":
         state["lm_head.weight"] = head_matrix
     elif layout.head == "factorized":
@@ -185,9 +193,18 @@ def vocabulary_state(
         fit = head_fit(head_matrix, calibration)
         state["lm_head.table"], state["lm_head.basis"] = fit.factors(layout.head_rank)
         errors["head"] = fit.relative_error(layout.head_rank)
+        if layout.exact_rows:
+            state |= _exact_rows("lm_head", head_matrix, fit.row_weights, layout.exact_rows)
     if report is not None and errors:
         report["embedding_error"] = errors
     return state
+
+
+def _exact_rows(prefix: str, matrix: torch.Tensor, row_weights: torch.Tensor, count: int) -> dict[str, torch.Tensor]:
+    """The ``count`` heaviest rows of ``matrix`` (ties to the lower id), kept exact, in ascending token order."""
+    order = torch.sort(row_weights.double(), descending=True, stable=True).indices[:count]
+    ids = order.sort().values
+    return {f"{prefix}.exact_ids": ids, f"{prefix}.exact_rows": matrix[ids].clone()}
 
 
 def check_embedding_options(recursion: RecursionConfig, calibration_given: bool) -> None:
@@ -200,27 +217,32 @@ def check_embedding_options(recursion: RecursionConfig, calibration_given: bool)
             "a low-rank embedding or head is fitted on calibration data (token frequencies, final hidden states): "
             "pass --calib (e.g. teacher:16k or a .txt file), or --embed-init svd for plain truncated SVD (far worse)"
         )
+    if recursion.embed_exact_rows and recursion.embed_init != "weighted":
+        raise ConfigError("--embed-exact-rows keeps the rows calibration uses most: it needs --embed-init weighted and --calib")
 
 
-def budget_candidates(arch: ArchConfig, budget: int) -> list[tuple[int | str, int | str | None]]:
+def budget_candidates(arch: ArchConfig, budget: int, exact_rows: int = 0) -> list[tuple[int | str, int | str | None]]:
     """(embed_rank, head_rank) pairs that spend at most ``budget`` parameters on input + head.
 
     A tied source may keep one pair of factors (rank budget / (vocab + hidden)); any source may
     give the head its own factors, with the rank split between the sides in ``BUDGET_SPLITS``.
+    ``exact_rows`` dense rows per factorised side come out of the budget first.
     """
     per_rank = arch.vocab_size + arch.hidden_size
-    total = min(budget // per_rank, 2 * arch.hidden_size)
+    rows = exact_rows * arch.hidden_size
     candidates: list[tuple[int | str, int | str | None]] = []
-    if arch.tie_word_embeddings and total >= 1:
-        candidates.append((min(total, arch.hidden_size), None))
+    if arch.tie_word_embeddings and budget - rows >= per_rank:
+        candidates.append((min((budget - rows) // per_rank, arch.hidden_size), None))
+    total = min(max(budget - 2 * rows, 0) // per_rank, 2 * arch.hidden_size)
     for share in BUDGET_SPLITS:
         input_rank = min(max(round(total * share), 1), arch.hidden_size)
         head_rank = min(total - input_rank, arch.hidden_size)
         if head_rank >= 1 and (input_rank, head_rank) not in candidates:
             candidates.append((input_rank, head_rank))
     if not candidates:
+        sides = 1 if arch.tie_word_embeddings else 2
         raise ConfigError(
             f"--embed-params {budget} is below the smallest low-rank embedding + head: "
-            f"{(1 if arch.tie_word_embeddings else 2) * per_rank} parameters (rank 1 = vocab + hidden)"
+            f"{sides * (per_rank + rows)} parameters (rank 1 = vocab + hidden{', plus the exact rows' if rows else ''})"
         )
     return candidates
