@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -169,17 +170,20 @@ def test_embedding_budget_picks_the_lowest_kl_candidate() -> None:
     assert (model.recursion.embed_rank, model.recursion.head_rank) == (best["embed_rank"], best["head_rank"])
     counts = model.embedding_counts()
     assert counts["input"] + counts["head"] == best["params"] and model.recursion.embed_params == (VOCAB + HIDDEN) * 16
-    # every score is KL(original || candidate) per token on the calibration rows, recomputed here from explicit ranks
+    # every score is KL(original || candidate) per token on the last half of the calibration rows, with factors fitted on
+    # token counts of the first half only (scored tokens unseen by the fit), recomputed here from explicit ranks
     source = tiny_model("qwen2", seed=0)
     original = recursify.convert(source, loops=1, progress=False)
     rows = torch.randint(3, VOCAB, (8, 16), generator=torch.Generator().manual_seed(0))
     calibration = calibrate(original, rows, progress=False)
+    assert calibration.token_counts is not None
+    fitted = dataclasses.replace(calibration, token_counts=torch.bincount(rows[:4].flatten(), minlength=VOCAB).double())
     with torch.no_grad():
-        target = torch.log_softmax(original(rows).logits.double(), -1)
+        target = torch.log_softmax(original(rows[4:]).logits.double(), -1)
         for score in scores:
             ranks = {"embed_rank": score["embed_rank"], "head_rank": score["head_rank"]}
-            candidate = recursify.convert(source, calib=calibration, loops=1, progress=False, **ranks)
-            log_probs = torch.log_softmax(candidate(rows).logits.double(), -1)
+            candidate = recursify.convert(source, calib=fitted, loops=1, progress=False, **ranks)
+            log_probs = torch.log_softmax(candidate(rows[4:]).logits.double(), -1)
             kl = float((target.exp() * (target - log_probs)).sum(-1).mean())
             assert score["kl"] == pytest.approx(kl, rel=1e-4, abs=1e-6), ranks
 
