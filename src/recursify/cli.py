@@ -124,11 +124,12 @@ def cmd_convert(args: argparse.Namespace) -> None:
     check_writable(args.out, args.overwrite)
     if args.quiet:
         quiet_transformers()
-    vocabulary_options = args.embed_rank != "full" or args.head_rank is not None or args.embed_params is not None or args.embed_exact_rows
+    vocabulary_options = args.embed_rank != "full" or args.head_rank is not None or args.embed_params is not None
+    if args.embed_exact_rows and (args.keep_layers is not None or (args.plan == "auto" and args.target_total is None)):
+        raise ConfigError("--embed-exact-rows applies to a low-rank vocabulary: a plain conversion's or --plan auto --target-total's")
     if vocabulary_options and (args.keep_layers is not None or args.plan == "auto"):
         raise ConfigError(
-            "--embed-rank/--head-rank/--embed-params/--embed-exact-rows apply to a plain conversion; --plan auto chooses the "
-            "vocabulary itself with "
+            "--embed-rank/--head-rank/--embed-params apply to a plain conversion; --plan auto chooses the vocabulary itself with "
             "--target-total (and --vocab-shares), --keep-layers keeps it dense"
         )
     if args.plan != "auto" and (args.target_total is not None or args.vocab_shares is not None):
@@ -209,7 +210,7 @@ def _auto_plan_model(args: argparse.Namespace) -> Any:
     choice = search_plan(
         args.model, args.target_total if total else args.target_params, args.calib, args.calib_tokens, init=init, lora_init=lora_init,
         norms=args.norms, seed=args.seed, progress=not args.quiet, embed_init=args.embed_init,
-        vocab_shares=tuple(args.vocab_shares or VOCAB_SHARES) if total else None,
+        vocab_shares=tuple(args.vocab_shares or VOCAB_SHARES) if total else None, embed_exact_rows=args.embed_exact_rows,
     )  # fmt: skip
     if not args.quiet:
         print(format_plan_search(choice))
@@ -684,7 +685,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=recursion.embed_exact_rows,
         metavar="N",
         help="keep the rows of the N tokens calibration uses most exact (dense) in a low-rank embedding/head; the rank covers "
-        "the rest; counted in --embed-params (needs --calib)",
+        "the rest; counted in --embed-params and --target-total (needs --calib)",
     )
     convert.add_argument(
         "--plan",

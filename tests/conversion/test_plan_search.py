@@ -135,10 +135,16 @@ def test_cli_plan_auto_with_a_total_budget(source: tuple[Path, Path], tmp_path: 
     assert "<- chosen" in capsys.readouterr().out
     model = load(tmp_path / "auto")
     assert model.param_counts()["total"] <= int(total) and model.report["plan"]["counts_vocabulary"]
+    exact = ["--target-total", total, "--vocab-shares", "0.5", "--embed-exact-rows", "8", "--quiet", "--out", str(tmp_path / "exact")]
+    assert main([*args, *exact]) == 0
+    model = load(tmp_path / "exact")  # every candidate factorised, each with 8 exact rows inside the same total
+    assert model.recursion.embed_exact_rows == 8 and model.embed.exact_rows.shape[0] == 8
+    assert model.param_counts()["total"] <= int(total) and model.report["plan"]["chosen"]["embed_exact_rows"] == 8
     refusals = {
         ("--target-total", total, "--target-params", "85k"): "one budget",
         ("--target-params", "85k", "--vocab-shares", "0.5"): "--vocab-shares go with --target-total",
         ("--target-total", total, "--embed-params", "1k"): "chooses the vocabulary itself",
+        ("--target-params", "85k", "--embed-exact-rows", "8"): "--plan auto --target-total's",
     }
     for extra, message in refusals.items():
         assert main([*args, *extra, "--out", str(tmp_path / "x")]) == 2

@@ -105,6 +105,8 @@ class PlanChoice:
         chosen: dict[str, Any] = {"loops": best.loops, "prelude": best.prelude, "coda": best.coda}
         if self.chosen is not None and self.chosen.vocab:
             chosen.update(vocab_share=self.chosen.vocab_share, embed_rank=best.embed_rank, head_rank=best.head_rank)
+            if best.embed_exact_rows:
+                chosen["embed_exact_rows"] = best.embed_exact_rows
         return {
             "target_params": target_params,
             "counts_vocabulary": any(c.vocab for c in self.candidates),
@@ -145,6 +147,7 @@ def search_plan(
     progress: bool = True,
     vocab_shares: tuple[float, ...] | None = None,
     embed_init: str = "weighted",
+    embed_exact_rows: int = 0,
 ) -> PlanChoice:
     """Convert with every plan of ``space`` that fits ``target_params`` and keep the one of lowest calibration KL.
 
@@ -160,6 +163,7 @@ def search_plan(
         vocab_shares: count the vocabulary in the budget and try each plan with the vocabulary at each
             of these shares of its dense parameters (1.0 = dense; below 1, ``--embed-params``).
         embed_init: how factorised vocabularies are fitted (``convert --embed-init``).
+        embed_exact_rows: dense rows every factorised vocabulary keeps (``convert --embed-exact-rows``).
     """
     from recursify.conversion.convert import (
         build_model,
@@ -215,6 +219,7 @@ def search_plan(
         vocabulary: dict[str, Any] = {}
         if candidate.vocab_share < 1:
             vocabulary = vocabularies.get(candidate.vocab_share) or {"embed_params": candidate.vocab}
+            vocabulary["embed_exact_rows"] = embed_exact_rows
         model = convert(
             loaded, loops=candidate.loops, prelude=candidate.prelude, coda=candidate.coda, init=init, lora_init=lora_init,
             norms=norms, calib=calibration, lora_params=max(candidate.lora_budget, 0), seed=seed, progress=False,
