@@ -36,8 +36,9 @@ row's curve is then measured on the held-out split of the training data (its ``c
 included): the plan search (``convert --plan auto --target-total``) also tries the vocabulary factorised to
 each of ``--vocab-shares`` of its dense parameters, trading embedding rank against LoRA rank and loops.
 Every row carries ``total_params`` / ``total_ratio`` and the vocabulary share it kept;
-``factorised_vs_dense_20min`` compares the best factorised row at <= 0.35x the original's total parameters
-with the best dense-vocabulary row at <= 0.5x. Every trained row is also scored on ``--tasks``
+``--exact-rows N`` gives every factorised vocabulary of that search N exact rows (``--embed-exact-rows``; the
+row's size reads ``total:T:exactN``). ``factorised_vs_dense_20min`` compares the best factorised row at <= 0.35x
+the original's total parameters with the best dense-vocabulary row at <= 0.5x. Every trained row is also scored on ``--tasks``
 (BIG-bench multiple choice, the first ``--task-limit`` questions, 0-shot; the original's scores in
 ``original_tasks``).
 """
@@ -165,7 +166,7 @@ class Frontier:
     def budget(self, size: float | str) -> int:
         """Parameters an arm may have: a float is a share of the non-embedding ones, "total:T" of all of them."""
         if isinstance(size, str):
-            return int(float(size.removeprefix("total:")) * self.original_total)
+            return int(float(size.split(":")[1]) * self.original_total)
         return int(size * self.original_params)
 
     def convert_arm(self, arm: str, size: float | str) -> tuple[Path, dict[str, Any]]:
@@ -188,8 +189,9 @@ class Frontier:
             space = PlanSpace(loops=tuple(self.args.plan_loops), preludes=tuple(self.args.plan_preludes), codas=tuple(self.args.plan_codas))
             shares = tuple(self.args.vocab_shares) if isinstance(size, str) else None
             choice = search_plan(
-                self.source, budget, self.args.data, self.args.calib_tokens, space=space, progress=False, vocab_shares=shares
-            )
+                self.source, budget, self.args.data, self.args.calib_tokens, space=space, progress=False, vocab_shares=shares,
+                embed_exact_rows=exact_rows(size),
+            )  # fmt: skip
             extra = {"plan_search_cpu_minutes": (time.process_time() - began) / 60, "plan": choice.model.report["plan"]}
             del choice
         began = time.process_time()
@@ -215,7 +217,7 @@ class Frontier:
             assert plan is not None
             chosen = dict(plan["chosen"])
             share = chosen.pop("vocab_share", 1.0)
-            vocabulary = {k: chosen.pop(k) for k in ("embed_rank", "head_rank") if k in chosen}
+            vocabulary = {k: chosen.pop(k) for k in ("embed_rank", "head_rank", "embed_exact_rows") if k in chosen}
             lora = next(
                 c["lora_budget"] for c in plan["candidates"] if all(c[k] == v for k, v in chosen.items()) and c["vocab_share"] == share
             )
@@ -226,7 +228,8 @@ class Frontier:
             model.report["plan"] = plan
             vocab_note = ""
             if vocabulary:
-                vocab_note = f", vocabulary {share:g} (embed rank {vocabulary['embed_rank']}, head rank {vocabulary['head_rank']})"
+                vocab_note = f", vocabulary {share:g} (embed rank {vocabulary['embed_rank']}, head rank {vocabulary['head_rank']}"
+                vocab_note += f", {vocabulary['embed_exact_rows']} exact rows)" if vocabulary.get("embed_exact_rows") else ")"
             return (
                 model,
                 f"loops {chosen['loops']}, prelude {chosen['prelude']}, coda {chosen['coda']}{vocab_note}, LoRA budget {lora:,}: "
@@ -305,8 +308,14 @@ def paper_rank(original: RecursiveModel, loops: int, budget: int) -> int:
 
 
 def size_name(size: float | str) -> str:
-    """0.55 -> "0.55" (of the non-embedding parameters); "total:0.35" -> "total0.35" (of all of them)."""
+    """0.55 -> "0.55" (of the non-embedding parameters); "total:0.35" -> "total0.35" (of all of them);
+    "total:0.35:exact2048" -> "total0.35exact2048" (its factorised vocabularies keep 2048 exact rows)."""
     return f"{size:g}" if isinstance(size, float) else size.replace(":", "")
+
+
+def exact_rows(size: float | str) -> int:
+    """The ``--exact-rows`` a total size was searched with (0: none)."""
+    return int(size.split(":exact")[1]) if isinstance(size, str) and ":exact" in size else 0
 
 
 def row_key(row: dict[str, Any]) -> tuple[Any, ...]:
@@ -502,6 +511,7 @@ def frontier_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--vocab-shares", type=float, nargs="+", default=[1.0, 0.5, 0.35], help="vocabulary shares the --total-sizes plan search tries"
     )
+    parser.add_argument("--exact-rows", type=int, default=0, help="exact rows of each factorised vocabulary of the --total-sizes search")
     parser.add_argument("--tasks", nargs="*", default=list(TASKS), help="BIG-bench tasks scored on every trained row (none: skip)")
     parser.add_argument("--task-limit", type=int, default=50, help="questions per task")
     parser.add_argument("--calib-tokens", type=int, default=16384)
@@ -557,7 +567,7 @@ def main() -> None:
     train_data = frontier.train_data
     done = {row_key(r) for r in results["rows"]}
     jobs: list[tuple[float | str, str]] = [(size, arm) for size in args.sizes for arm in args.arms]
-    jobs += [(f"total:{size:g}", "plan") for size in args.total_sizes]
+    jobs += [(f"total:{size:g}" + (f":exact{args.exact_rows}" if args.exact_rows else ""), "plan") for size in args.total_sizes]
     for size, arm in jobs:
         init, record = frontier.convert_arm(arm, size)
         budgets = [0.0] if args.init_only else args.budgets
