@@ -130,6 +130,16 @@ def test_local_healing_fits_low_rank_embedding_and_head_to_their_targets(tiny_ru
     exact = convert(source, loops=1, embed_rank=48, head_rank=48, calib=data, calib_tokens=2000, progress=False)
     losses = vocabulary_losses(exact, teacher, rows, states, "fp32")
     assert losses["embedding"] < 1e-8 and abs(losses["head"]) < 1e-5  # full-rank factors hit both targets
+    # exact rows keep their tokens; the head's train with its factors (the input side's meet their target exactly: no gradient)
+    rows_student = tmp_path / "exact-rows"
+    options = dict(loops=3, rank=4, init="average", embed_rank=6, embed_exact_rows=8, calib=data, calib_tokens=2000, progress=False)
+    convert(source, **options).save_pretrained(rows_student)  # type: ignore[arg-type]
+    heal(HealConfig(str(rows_student), str(tmp_path / "healed-rows"), data, minutes=0.05, lr=3e-3, **FAST))
+    initial, healed_rows = load(rows_student), load(tmp_path / "healed-rows")
+    assert initial.lm_head is not None and healed_rows.lm_head is not None  # the llama source is untied: each side has its rows
+    assert torch.equal(healed_rows.embed.exact_ids, initial.embed.exact_ids)
+    assert torch.equal(healed_rows.embed.exact_rows, initial.embed.exact_rows)
+    assert not torch.equal(healed_rows.lm_head.exact_rows, initial.lm_head.exact_rows)
 
 
 def test_dropped_layers_heal_against_their_span_of_the_original(tiny_run, tmp_path) -> None:
