@@ -114,9 +114,9 @@ def init_section(source: LoadedSource, calibration: Calibration, heldouts: list[
     return {"dense_vocab_params": dense, "rows": rows, "budget": chosen}
 
 
-def exact_section(source: LoadedSource, calibration: Calibration, heldouts: list[HeldOut], args: argparse.Namespace) -> dict[str, Any]:
-    original = convert(source, loops=1, progress=False)
-    dense = vocabulary_params(original)
+def exact_section(
+    source: LoadedSource, calibration: Calibration, heldouts: list[HeldOut], dense: int, args: argparse.Namespace
+) -> dict[str, Any]:
     budget = int(args.budget_ratio * dense)
     counts = calibration.token_counts
     assert counts is not None
@@ -368,7 +368,7 @@ def main() -> None:
         entry["init"] = init_section(source, calibration, heldouts, args)
         save()
     if "exact" in args.sections:
-        entry["exact"] = exact_section(source, calibration, heldouts, args)
+        entry["exact"] = exact_section(source, calibration, heldouts, dense, args)
         save()
     saved = json.loads(RESULTS.read_text()).get(args.model, {}) if RESULTS.is_file() else {}
     budget = (entry.get("init") or saved.get("init") or {}).get("budget") or {

@@ -105,12 +105,6 @@ def _positive_int(value: str) -> int:
     return int(value)
 
 
-def _non_negative_int(value: str) -> int:
-    if not value.isdigit():
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value!r}")
-    return int(value)
-
-
 def cmd_convert(args: argparse.Namespace) -> None:
     """Convert a pretrained model into a (relaxed) recursive one and save it.
 
@@ -681,7 +675,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     convert.add_argument(
         "--embed-exact-rows",
-        type=_non_negative_int,
+        type=_count_or_zero,
         default=recursion.embed_exact_rows,
         metavar="N",
         help="keep the rows of the N tokens calibration uses most exact (dense) in a low-rank embedding/head; the rank covers "

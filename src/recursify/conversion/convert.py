@@ -274,8 +274,13 @@ def budget_embedding(
         layers = {k: v for k, v in base.items() if not k.startswith(("embed.", "lm_head."))}
         scores: list[dict[str, Any]] = []
         for embed_rank, head_rank in budget_candidates(arch, recursion.embed_params, recursion.embed_exact_rows):
-            candidate = dataclasses.replace(plain, embed_rank=embed_rank, head_rank=head_rank, embed_init=recursion.embed_init)
-            candidate.embed_exact_rows = recursion.embed_exact_rows
+            candidate = dataclasses.replace(
+                plain,
+                embed_rank=embed_rank,
+                head_rank=head_rank,
+                embed_init=recursion.embed_init,
+                embed_exact_rows=recursion.embed_exact_rows,
+            )
             vocabulary = vocabulary_state(original.embed, original.lm_head, embedding_layout(arch, candidate), vocabulary_calibration)
             model = build_model(arch, candidate, info, layers | vocabulary)
             counts = model.embedding_counts()
